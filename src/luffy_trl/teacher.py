@@ -1,0 +1,154 @@
+"""Teacher (off-policy) completions: reading the dataset column and tokenizing it like a generated completion.
+
+A teacher completion must look, token for token, like something the policy could have generated after the
+templated prompt: `prompt_ids + teacher_ids` equals the tokenization of the whole conversation under the chat
+template, and `teacher_ids` ends with the token that ends an assistant turn (the token generation stops at).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Openers a reasoning template may already put at the end of its generation prompt (e.g. Qwen-think templates,
+# LUFFY's `Qwen2.5-Math-7B-16k-think`). A trace that repeats the opener would otherwise contain `<think>` twice.
+THINK_OPENERS = ("<think>\n", "<think>")
+
+
+def teacher_texts(value, *, column: str = "target", row: int | None = None) -> list[str]:
+    """Normalise one value of the teacher column into a list of non-empty completion texts.
+
+    Accepted: a string; LUFFY's list of `{"role": "assistant", "content": ...}` messages (one trace per message);
+    a list of strings; `None` or empty (→ `[]`, the row keeps a full on-policy group). Anything else raises a
+    `TypeError` naming the column and the row.
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, Sequence) or hasattr(value, "tolist"):
+        value = value.tolist() if hasattr(value, "tolist") else value
+        texts = []
+        for item in value:
+            if isinstance(item, dict) and "content" in item:
+                if item.get("role", "assistant") != "assistant":
+                    continue
+                item = item["content"]
+            if item is None:
+                continue
+            if not isinstance(item, str):
+                break
+            if item.strip():
+                texts.append(item)
+        else:
+            return texts
+    where = f" (row {row})" if row is not None else ""
+    raise TypeError(
+        f"Column {column!r}{where} holds a {type(value).__name__} that is not a teacher completion: expected a "
+        "string, a list of {'role': 'assistant', 'content': str} messages (LUFFY's format) or a list of strings. "
+        f"Got: {str(value)[:120]!r}. Fix the dataset or set off_policy_column to the right column."
+    )
+
+
+@dataclass
+class EncodedTeacher:
+    ids: list[int]
+    truncated: bool
+    used_fallback: bool
+
+
+class TeacherTokenizer:
+    """Turns teacher text into completion token ids consistent with the prompt's chat template.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        eos_token_ids: token ids that stop generation (TRL's `GRPOTrainer.eos_token_ids`).
+        max_completion_length: teacher completions are cut to this many tokens (and lose their end token, like a
+            truncated generation).
+        chat_template / chat_template_kwargs: the same overrides TRL uses to render prompts.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        eos_token_ids: Sequence[int],
+        max_completion_length: int | None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_completion_length = max_completion_length
+        self.chat_template = chat_template
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self._end_of_turn: tuple[int, str] | None = None
+
+    # -- chat-template helpers ----------------------------------------------------------------------------------
+    def render_prompt(self, prompt: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(
+            prompt,
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+            **self.chat_template_kwargs,
+        )
+
+    @property
+    def end_of_turn(self) -> tuple[int, str]:
+        """(id, text) of the token that closes an assistant turn under the chat template.
+
+        Found by rendering a one-turn conversation and taking the first stop token after the assistant content
+        (`<|im_end|>` for ChatML); falls back to the tokenizer's EOS token.
+        """
+        if self._end_of_turn is None:
+            eot_id = self.tokenizer.eos_token_id
+            sentinel = "LUFFYSENTINEL"
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                    chat_template=self.chat_template,
+                    tokenize=False,
+                    **self.chat_template_kwargs,
+                )
+                tail_ids = self.tokenizer(text.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
+                eot_id = next((t for t in tail_ids if t in self.eos_token_ids), eot_id)
+            except Exception:  # no chat template, or one that rejects this conversation: keep EOS
+                pass
+            self._end_of_turn = (eot_id, self.tokenizer.decode([eot_id]))
+        return self._end_of_turn
+
+    # -- encoding -----------------------------------------------------------------------------------------------
+    def encode(self, prompt, prompt_ids: Sequence[int], text: str) -> EncodedTeacher:
+        """Token ids of `text` as the completion of `prompt` (already tokenized as `prompt_ids` by TRL).
+
+        Conversational prompts: the text is appended to the rendered generation prompt (a `<think>` opener that
+        the generation prompt already ends with is not repeated), followed by the end-of-turn token; the whole
+        string is tokenized and the prompt's ids are cut off. Plain-text prompts: the text follows the prompt and
+        ends with EOS. If the joint tokenization does not start with `prompt_ids` (a merge across the boundary),
+        the text is tokenized on its own instead (`used_fallback=True`).
+        """
+        prompt_ids = list(prompt_ids)
+        conversational = isinstance(prompt, list)
+        if conversational:
+            eot_id, eot_text = self.end_of_turn
+            prompt_text = self.render_prompt(prompt)
+            for opener in THINK_OPENERS:
+                if prompt_text.endswith(opener) and text.startswith(opener):
+                    text = text[len(opener) :]
+                    break
+            joint = self.tokenizer(prompt_text + text + eot_text, add_special_tokens=False)["input_ids"]
+        else:
+            eot_id = self.tokenizer.eos_token_id
+            joint = self.tokenizer(prompt + text)["input_ids"] + [eot_id]
+
+        used_fallback = joint[: len(prompt_ids)] != prompt_ids
+        if used_fallback:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eot_id]
+        else:
+            ids = joint[len(prompt_ids) :]
+        truncated = self.max_completion_length is not None and len(ids) > self.max_completion_length
+        if truncated:
+            ids = ids[: self.max_completion_length]
+        return EncodedTeacher(ids=ids, truncated=truncated, used_fallback=used_fallback)

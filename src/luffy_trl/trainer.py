@@ -1,0 +1,431 @@
+"""`MixedPolicyGRPOTrainer`: LUFFY's mixed-policy GRPO as a narrow subclass of TRL's `GRPOTrainer`.
+
+Data flow of one generation batch (docs/method.md has the formulas):
+
+1. TRL's sampler repeats each prompt `num_generations` (G) times; global row `g` is slot `g % G` of its group.
+   `_generate_and_score_completions` marks the last `num_off_policy` slots of each group as teacher rows (when the
+   row has a teacher completion) and exposes the flag to reward functions as the `is_off_policy` column.
+2. `_generate_single_turn` generates only the on-policy rows and puts the tokenized teacher completion in the
+   teacher slots (with "unknown" sampling log-probs, so vLLM's importance-sampling ratio is exactly 1 there).
+3. TRL decodes, scores (teacher rows with the same reward functions), computes group advantages over the mixed
+   group, pads, shuffles and splits; an `is_off_policy` (B,) tensor travels with the batch.
+4. `_compute_loss` runs one forward pass and calls the pure `luffy_trl.losses` functions.
+
+Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL's.
+Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import gather
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import nanmax, nanmin
+
+from luffy_trl.config import MixedPolicyGRPOConfig
+from luffy_trl.losses import SUPPORTED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss
+from luffy_trl.teacher import TeacherTokenizer, teacher_texts
+
+IS_OFF_POLICY = "is_off_policy"
+
+
+def teacher_slot(global_row: int, num_generations: int, num_off_policy: int) -> int | None:
+    """Index (0..num_off_policy-1) of the teacher slot that global row `global_row` occupies, or None.
+
+    Groups are contiguous runs of `num_generations` rows in TRL's global order; the last `num_off_policy` slots
+    of every group are teacher slots (any fixed slot set is equivalent: group statistics ignore order).
+    """
+    slot = global_row % num_generations
+    first_teacher_slot = num_generations - num_off_policy
+    return slot - first_teacher_slot if slot >= first_teacher_slot else None
+
+
+class MixedPolicyGRPOTrainer(GRPOTrainer):
+    """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
+
+    Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds
+    `num_generations - num_off_policy` sampled completions and `num_off_policy` teacher completions read from
+    `args.off_policy_column`; advantages are computed over the mixed group and teacher tokens are trained with
+    the shaped, unclipped objective −A·p/(p+γ). See `MixedPolicyGRPOConfig` for the options.
+
+    Example:
+        ```python
+        trainer = MixedPolicyGRPOTrainer(
+            model="Qwen/Qwen2.5-Math-1.5B",
+            reward_funcs=luffy_math_reward,
+            args=MixedPolicyGRPOConfig(output_dir="luffy", max_completion_length=4096),
+            train_dataset=dataset,  # columns: prompt, target (teacher trace), ground_truth
+        )
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "grpo", "luffy"]
+    _name = "MixedPolicyGRPO"
+
+    def __init__(self, model, reward_funcs=None, args: MixedPolicyGRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = MixedPolicyGRPOConfig(f"{str(name).split('/')[-1]}-LUFFY")
+        elif not isinstance(args, MixedPolicyGRPOConfig):
+            kind = "GRPOConfig" if isinstance(args, GRPOConfig) else type(args).__name__
+            raise TypeError(
+                f"MixedPolicyGRPOTrainer needs a MixedPolicyGRPOConfig, got a {kind}. Build the config with "
+                "luffy_trl.MixedPolicyGRPOConfig(...) (it accepts every GRPOConfig field)."
+            )
+        self._check_supported(args, train_dataset, kwargs)
+        super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         **kwargs)
+        if self._is_vlm and args.num_off_policy > 0:
+            raise ValueError(
+                "MixedPolicyGRPOTrainer does not support vision-language processors with num_off_policy > 0 yet."
+            )
+        self.num_off_policy = args.num_off_policy
+        # TRL masks truncated completions before scoring; a truncated teacher trace must still be trained on, so
+        # luffy-trl applies `mask_truncated_completions` itself, to on-policy rows only.
+        self._mask_truncated_on_policy = self.mask_truncated_completions
+        self.mask_truncated_completions = False
+        self.teacher_tokenizer = TeacherTokenizer(
+            self._tokenizer,
+            self.eos_token_ids,
+            self.max_completion_length,
+            chat_template=self.chat_template,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+        self._teacher_plan = None  # per local row: (prompt, teacher text or None), consumed by _generate_single_turn
+        self._teacher_stats = None
+        self._last_rewards_per_func = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Construction-time checks
+    # ------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_supported(args: MixedPolicyGRPOConfig, train_dataset, kwargs) -> None:
+        unsupported = []
+        if args.loss_type not in SUPPORTED_LOSS_TYPES:
+            unsupported.append(f"loss_type={args.loss_type!r} (supported: {', '.join(SUPPORTED_LOSS_TYPES)})")
+        if args.importance_sampling_level != "token":
+            unsupported.append("importance_sampling_level='sequence' (GSPO): use 'token'")
+        if args.use_adaptive_entropy:
+            unsupported.append("use_adaptive_entropy=True: use a constant entropy_coef")
+        if args.num_off_policy > 0:
+            for name in ("tools", "rollout_func", "environment_factory"):
+                if kwargs.get(name):
+                    unsupported.append(f"{name} with num_off_policy > 0 (teacher rows are single-turn completions)")
+            if args.remove_unused_columns:
+                unsupported.append(
+                    f"remove_unused_columns=True: it drops the teacher column {args.off_policy_column!r}; set False"
+                )
+        if unsupported:
+            raise ValueError("MixedPolicyGRPOTrainer does not support: " + "; ".join(unsupported) + ".")
+
+        columns = getattr(train_dataset, "column_names", None)
+        if columns is not None:
+            if IS_OFF_POLICY in columns:
+                raise ValueError(
+                    f"train_dataset has a column named {IS_OFF_POLICY!r}; the trainer sets this column itself (one "
+                    "bool per completion, passed to reward functions). Rename the dataset column."
+                )
+            if args.num_off_policy > 0 and args.off_policy_column not in columns:
+                raise ValueError(
+                    f"off_policy_column={args.off_policy_column!r} is not a column of train_dataset; columns present: "
+                    f"{list(columns)}. Point off_policy_column at the column with the teacher completions (LUFFY's "
+                    "data calls it 'target'), or set num_off_policy=0 for plain GRPO."
+                )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Batch assembly
+    # ------------------------------------------------------------------------------------------------------------
+    def _plan_teacher_rows(self, inputs: list[dict]) -> list[str | None]:
+        """Teacher text for each local row that occupies a teacher slot and has a trace, else None."""
+        column = self.args.off_policy_column
+        base = self.accelerator.process_index * len(inputs)
+        plan, missing = [], 0
+        for i, row in enumerate(inputs):
+            slot = teacher_slot(base + i, self.num_generations, self.num_off_policy)
+            if slot is None:
+                plan.append(None)
+                continue
+            if column not in row:
+                raise KeyError(
+                    f"Row {i} of the generation batch has no column {column!r} (columns: {sorted(row)}). Set "
+                    "off_policy_column to the teacher column, or num_off_policy=0."
+                )
+            texts = teacher_texts(row[column], column=column, row=i)
+            if texts:
+                plan.append(texts[slot % len(texts)])
+            else:
+                plan.append(None)  # no trace: the slot is sampled from the policy like the others
+                missing += 1
+        self._teacher_stats = {"missing": missing, "truncated": 0, "tokenization_fallback": 0, "discarded_generations": 0}
+        return plan
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        inputs = [dict(row) for row in inputs]  # rows may be shared objects; the flag is per completion
+        if mode == "train" and self.num_off_policy > 0:
+            plan = self._plan_teacher_rows(inputs)
+        else:  # evaluation batches stay purely on-policy
+            plan = [None] * len(inputs)
+            self._teacher_stats = None
+        for row, text in zip(inputs, plan):
+            row[IS_OFF_POLICY] = text is not None
+        self._teacher_plan = [(row["prompt"], text) for row, text in zip(inputs, plan)] if any(plan) else None
+
+        output = super()._generate_and_score_completions(inputs)
+        self._teacher_plan = None
+
+        device = self.accelerator.device
+        is_off = torch.tensor([text is not None for text in plan], dtype=torch.bool, device=device)
+        output[IS_OFF_POLICY] = is_off
+        if self._mask_truncated_on_policy:
+            self._mask_truncated_on_policy_rows(output)
+        if mode == "train":
+            self._log_mixed_batch_metrics(output)
+        return output
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plan, self._teacher_plan = self._teacher_plan, None  # consume once
+        if plan is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        stats = self._teacher_stats
+        teacher_ids = {}
+        for i, (prompt, text) in enumerate(plan):
+            if text is not None:
+                encoded = self.teacher_tokenizer.encode(prompt, prompt_ids[i], text)
+                teacher_ids[i] = encoded.ids
+                stats["truncated"] += encoded.truncated
+                stats["tokenization_fallback"] += encoded.used_fallback
+
+        if self._can_generate_subset(images, multimodal_fields):
+            # Generate only the on-policy rows. Every process generates at least one row, so that collective
+            # operations inside generation (weight gathering, synced decoding) stay aligned across processes.
+            rows = [i for i in range(len(prompt_ids)) if i not in teacher_ids] or [0]
+            sub_ids, sub_logprobs = super()._generate_single_turn(
+                [prompt_ids[i] for i in rows], images, multimodal_fields, num_generations, has_tool_images
+            )
+            completion_ids = [None] * len(prompt_ids)
+            logprobs = None if sub_logprobs is None else [None] * len(prompt_ids)
+            for k, i in enumerate(rows):
+                completion_ids[i] = sub_ids[k]
+                if logprobs is not None:
+                    logprobs[i] = sub_logprobs[k]
+            stats["discarded_generations"] += sum(i in teacher_ids for i in rows)
+        else:
+            completion_ids, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+            completion_ids, logprobs = list(completion_ids), None if logprobs is None else list(logprobs)
+            stats["discarded_generations"] += len(teacher_ids)
+
+        for i, ids in teacher_ids.items():
+            completion_ids[i] = ids
+            if logprobs is not None:
+                logprobs[i] = [None] * len(ids)  # unknown sampling log-prob -> NaN -> vLLM IS ratio exactly 1
+        return completion_ids, logprobs
+
+    def _can_generate_subset(self, images, multimodal_fields) -> bool:
+        """Whether the backend can generate a subset of this process's rows.
+
+        vLLM server mode deduplicates prompts by position (`[::num_generations]`) across all processes, and
+        tensor-parallel colocate slices results by equal per-rank counts, so both generate every slot and the
+        teacher slots' samples are discarded (LUFFY's own cost). Multimodal inputs are not sliced either.
+        """
+        if images is not None or multimodal_fields:
+            return False
+        if self.use_vllm:
+            return self.args.vllm_mode == "colocate" and self.args.vllm_tensor_parallel_size == 1
+        return True
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # gathered over processes; read by the metrics below
+        return rewards_per_func
+
+    def _mask_truncated_on_policy_rows(self, output) -> None:
+        """`mask_truncated_completions` for on-policy rows only (teacher rows are never dropped)."""
+        ids, mask = output["completion_ids"], output["completion_mask"]
+        last = (mask.sum(1) - 1).clamp(min=0)
+        last_ids = ids.gather(1, last.unsqueeze(1)).squeeze(1)
+        stop = torch.tensor([*self.eos_token_ids, self._tokenizer.pad_token_id], device=ids.device)
+        truncated = ~torch.isin(last_ids, stop) & ~output[IS_OFF_POLICY]
+        output["completion_mask"] = mask * (~truncated).unsqueeze(1).to(mask.dtype)
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+    def _log_mixed_batch_metrics(self, output) -> None:
+        metrics = self._metrics["train"]
+        is_off = gather(output[IS_OFF_POLICY])
+        lengths = gather(output["completion_mask"].sum(1).float())
+        rewards = self._last_rewards_per_func
+        weights = self.reward_weights.to(rewards.device)
+        total = (rewards * weights).nansum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = torch.nan
+        on = ~is_off
+
+        def mean(x):
+            return torch.nanmean(x).item() if x.numel() else float("nan")
+
+        metrics["on_policy/reward_mean"].append(mean(total[on]))
+        metrics["off_policy/reward_mean"].append(mean(total[is_off]))
+        metrics["on_policy/completion_length_mean"].append(mean(lengths[on]))
+        metrics["off_policy/completion_length_mean"].append(mean(lengths[is_off]))
+        metrics["off_policy/fraction_of_rows"].append(is_off.float().mean().item())
+
+        solved = (total >= self.args.success_reward_threshold) & on
+        solved_per_group = solved.view(-1, self.num_generations).sum(1)
+        on_per_group = on.view(-1, self.num_generations).sum(1)
+        metrics["groups/all_on_policy_failed"].append((solved_per_group == 0).float().mean().item())
+        metrics["groups/all_on_policy_solved"].append((solved_per_group == on_per_group).float().mean().item())
+
+        if self._teacher_stats is not None:
+            keys = ("missing", "truncated", "tokenization_fallback", "discarded_generations")
+            local = torch.tensor([self._teacher_stats[k] for k in keys], device=self.accelerator.device)
+            counts = gather(local.unsqueeze(0)).sum(0).tolist()
+            for key, count in zip(keys, counts):
+                metrics[f"off_policy/{key}"].append(float(count))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs):
+        """One forward pass, LUFFY's per-token loss (`luffy_trl.losses`), TRL's normalisers and extra terms.
+
+        Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for the token-level loss types it supports
+        (grpo, bnpo, dr_grpo, dapo): same forward call, KL, entropy bonus, entropy mask, off-policy sequence mask
+        (OPSM), vLLM importance-sampling ratio and metrics; teacher rows get the shaped objective and are exempt from
+        clipping, OPSM, the entropy mask and the vLLM IS ratio.
+        """
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        is_off = inputs.get(IS_OFF_POLICY)
+        if is_off is None:
+            is_off = torch.zeros(completion_ids.size(0), dtype=torch.bool, device=completion_ids.device)
+        off_rows = is_off.view(-1, 1)
+
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            num_images=inputs.get("num_images"),
+            pixel_attention_mask=inputs.get("pixel_attention_mask"),
+            spatial_shapes=inputs.get("spatial_shapes"),
+            num_tiles=inputs.get("num_tiles"),
+            image_sizes=inputs.get("image_sizes"),
+            token_type_ids=inputs.get("token_type_ids"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_position_ids=inputs.get("image_position_ids"),
+        )
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        old_per_token_logps = inputs.get("old_per_token_logps")
+
+        # Token weights that apply to on-policy tokens only: teacher tokens keep weight 1.
+        weights = torch.ones_like(per_token_logps)
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            on_mask = mask * (~off_rows)
+            entropy_mask = self.get_high_entropy_mask(entropies, on_mask, 1 - self.top_entropy_quantile)
+            entropy_mask = torch.where(off_rows, torch.ones_like(entropy_mask), entropy_mask)
+            weights = weights * entropy_mask
+        if self.off_policy_mask_threshold is not None:
+            old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+            opsm = self.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
+            weights = weights * torch.where(off_rows, torch.ones_like(opsm), opsm)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = inputs["importance_sampling_ratio"]
+            weights = weights * torch.where(off_rows, torch.ones_like(is_ratio), is_ratio)
+
+        losses = mixed_policy_per_token_loss(
+            per_token_logps,
+            old_per_token_logps,
+            advantages,
+            is_off,
+            shaping=self.args.off_policy_shaping,
+            gamma=self.args.policy_shaping_gamma,
+            clip=self.args.on_policy_clip,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.args.delta,
+        )
+        per_token_loss = losses.per_token_loss * weights
+
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if self.args.use_bias_correction_kl:  # the rollout ratio exists for on-policy rows only
+                per_token_kl = per_token_kl * losses.ratio
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+
+        loss = aggregate_loss(
+            per_token_loss,
+            mask,
+            self.loss_type,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation,
+            training=mode == "train",
+        )
+        policy_loss = loss.detach()
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self._entropy_bonus_enabled:
+            # Entropy bonus = mean token entropy over the tokens the policy term acts on, scaled only for gradient
+            # accumulation (TRL's definition, L = L_policy − coef · H).
+            effective_mask = mask if entropy_mask is None else mask * entropy_mask
+            entropy = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
+            loss = loss - self.entropy_coef * entropy / accumulation
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._log_loss_metrics(mode, mask, off_rows, per_token_logps, entropies, losses,
+                               per_token_kl if self.beta != 0.0 else None)
+        return loss
+
+    def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl) -> None:
+        metrics = self._metrics[mode]
+        on_mask = mask * (~off_rows)
+        off_mask = mask * off_rows
+
+        def global_mean(x, m):
+            totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum().float()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if per_token_kl is not None:
+            metrics["kl"].append(global_mean(per_token_kl, mask))
+        metrics["entropy"].append(global_mean(entropies, mask))
+        # Clip statistics over on-policy tokens (teacher tokens are never clipped).
+        low, high = losses.is_low_clipped.float(), losses.is_high_clipped.float()
+        metrics["clip_ratio/low_mean"].append(global_mean(low, on_mask))
+        metrics["clip_ratio/high_mean"].append(global_mean(high, on_mask))
+        metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high), on_mask))
+        seq_low = (low * on_mask).sum(1) / on_mask.sum(1)  # NaN for teacher rows, ignored by nanmin/nanmax
+        seq_high = (high * on_mask).sum(1) / on_mask.sum(1)
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_low)).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_high)).item())
+        if self.num_off_policy > 0 and mode == "train":
+            metrics["off_policy/prob_mean"].append(global_mean(per_token_logps.detach().exp(), off_mask))
+            metrics["off_policy/shaping_weight_mean"].append(global_mean(losses.shaping_weight, off_mask))
