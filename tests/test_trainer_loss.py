@@ -1,0 +1,162 @@
+"""The trainer's `_compute_loss` wiring: against an independent forward + formula, and against stock TRL."""
+
+import pytest
+import torch
+from conftest import build_model, math_dataset, tiny_args
+from trl import GRPOTrainer
+
+from luffy_trl import MixedPolicyGRPOTrainer
+
+B, P, C = 6, 5, 7
+
+
+def make_trainer(tokenizer, tmp_path, **overrides):
+    args = tiny_args(tmp_path, **overrides)
+    model = build_model(tokenizer, seed=1)
+    trainer = MixedPolicyGRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+        train_dataset=math_dataset(), processing_class=tokenizer,
+    )
+    trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
+    trainer.model.train()
+    return trainer
+
+
+def make_inputs(vocab, seed=0, off=(True, False, False, True, False, False)):
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    completion_ids = torch.randint(3, vocab, (B, C), generator=g)
+    completion_mask = torch.ones(B, C, dtype=torch.long)
+    completion_mask[1, 5:] = 0
+    completion_mask[3, 4:] = 0
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([0.75, -0.25, -0.25, 0.5, 0.0, -0.75]),
+        "num_items_in_batch": completion_mask.sum(),
+        "is_off_policy": torch.tensor(off),
+    }
+
+
+def independent_logps(model, inputs, temperature=1.0):
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, P - 1 : -1] / temperature
+    logp_all = torch.log_softmax(logits.float(), -1)
+    logps = logp_all.gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logps, entropy
+
+
+def grads_of(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("gamma", [0.1, 0.5])
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "grpo", "bnpo", "dapo"])
+def test_compute_loss_matches_independent_formula(tokenizer, tmp_path, loss_type, gamma):
+    trainer = make_trainer(tokenizer, tmp_path, loss_type=loss_type, policy_shaping_gamma=gamma, entropy_coef=0.01)
+    model = trainer.model
+    inputs = make_inputs(len(tokenizer))
+    with torch.no_grad():
+        old, _ = independent_logps(model, inputs)
+    inputs["old_per_token_logps"] = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+
+    got = trainer._compute_loss(model, inputs)
+    got_grads = grads_of(model, got)
+
+    logps, entropy = independent_logps(model, inputs)
+    mask = inputs["completion_mask"].float()
+    a = inputs["advantages"].view(-1, 1)
+    off = inputs["is_off_policy"].view(-1, 1)
+    p = logps.exp()
+    token = torch.where(off, -a * p / (p + gamma), -a * torch.exp(logps - inputs["old_per_token_logps"]))
+    if loss_type == "dr_grpo":
+        policy = (token * mask).sum() / (B * trainer.max_completion_length)
+    elif loss_type == "grpo":
+        policy = ((token * mask).sum(1) / mask.sum(1)).mean()
+    else:  # bnpo, and dapo with one process and GA == steps_per_generation
+        policy = (token * mask).sum() / mask.sum()
+    expected = policy - 0.01 * (entropy * mask).sum() / mask.sum()
+    expected_grads = grads_of(model, expected)
+
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert got_grads.keys() == expected_grads.keys()
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _configure(trainer, beta, top_entropy_quantile, opsm):
+    trainer.beta = beta
+    trainer.top_entropy_quantile = top_entropy_quantile
+    trainer.off_policy_mask_threshold = opsm
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta,quantile,opsm", [(0.0, 1.0, None), (0.04, 0.5, 0.05)])
+def test_without_teacher_rows_the_loss_equals_stock_grpo(tokenizer, tmp_path, loss_type, beta, quantile, opsm):
+    """No teacher row ⇒ the same loss, gradients and metrics as `GRPOTrainer._compute_loss` (clip on)."""
+    trainer = make_trainer(tokenizer, tmp_path, loss_type=loss_type, on_policy_clip=True, epsilon_high=0.28)
+    _configure(trainer, beta, quantile, opsm)
+    model = trainer.model
+    inputs = make_inputs(len(tokenizer), off=(False,) * B)
+    with torch.no_grad():
+        old, _ = independent_logps(model, inputs)
+    g = torch.Generator().manual_seed(5)
+    inputs["old_per_token_logps"] = old + 0.3 * torch.randn(old.shape, generator=g)
+    inputs["ref_per_token_logps"] = old + 0.1 * torch.randn(old.shape, generator=g)
+
+    ours = trainer._compute_loss(model, inputs)
+    our_grads = grads_of(model, ours)
+    our_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    stock = GRPOTrainer._compute_loss(trainer, model, {k: v for k, v in inputs.items() if k != "is_off_policy"})
+    stock_grads = grads_of(model, stock)
+    stock_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    assert ours.item() == pytest.approx(stock.item(), rel=1e-6, abs=1e-8)
+    for name in stock_grads:
+        torch.testing.assert_close(our_grads[name], stock_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+    for key, value in stock_metrics.items():
+        assert our_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert stock_metrics["clip_ratio/region_mean"] > 0  # the ratios are far enough from 1 for clipping to matter
+
+
+def test_teacher_rows_are_exempt_from_vllm_is_ratio_opsm_and_entropy_mask(tokenizer, tmp_path):
+    trainer = make_trainer(tokenizer, tmp_path, loss_type="bnpo", entropy_coef=0.0)
+    model = trainer.model
+    inputs = make_inputs(len(tokenizer))
+    off = inputs["is_off_policy"]
+    with torch.no_grad():
+        old, _ = independent_logps(model, inputs)
+    inputs["old_per_token_logps"] = old
+    baseline = trainer._compute_loss(model, inputs)
+    base_grads = grads_of(model, baseline)
+
+    # Every correction that targets stale or mismatched *samples* now zeroes or rescales on-policy rows only.
+    trainer.use_vllm = True
+    trainer.vllm_importance_sampling_correction = True
+    trainer.off_policy_mask_threshold = 1e-9
+    trainer.top_entropy_quantile = 0.0
+    inputs["importance_sampling_ratio"] = torch.zeros(B, C)  # would zero every token it applies to
+    inputs["sampling_per_token_logps"] = old - 3.0  # KL > threshold: OPSM would drop A<0 rows
+    masked = trainer._compute_loss(model, inputs)
+    masked_grads = grads_of(model, masked)
+
+    # Only the teacher rows contribute now; recompute that part independently.
+    logps, _ = independent_logps(model, inputs)
+    mask = inputs["completion_mask"].float()
+    p = logps.exp()
+    a = inputs["advantages"].view(-1, 1)
+    teacher_only = ((-a * p / (p + 0.1)) * mask * off.view(-1, 1)).sum() / mask.sum()
+    teacher_grads = grads_of(model, teacher_only)
+    assert masked.item() == pytest.approx(teacher_only.item(), rel=1e-5)
+    for name in teacher_grads:
+        torch.testing.assert_close(masked_grads[name], teacher_grads[name], rtol=1e-4, atol=1e-8)
+    assert any(not torch.allclose(base_grads[n], masked_grads[n]) for n in base_grads)  # on-policy part removed

@@ -1,0 +1,255 @@
+"""Real (tiny) training runs: group composition, invariance to stock GRPO, parameter updates, LoRA, fallbacks."""
+
+import pytest
+import torch
+from conftest import build_model, contains_answer_reward, math_dataset, tiny_args
+from trl import GRPOConfig, GRPOTrainer
+
+from luffy_trl import MixedPolicyGRPOTrainer
+
+
+def varied_reward(completions, **kwargs):
+    """A reward with variance on random models: depends on the completion length."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(len(t) % 3) / 2 for t in texts]
+
+
+class Recorder:
+    """Reward function that records the `is_off_policy` flags and completions it is given."""
+
+    __name__ = "recorder"
+
+    def __init__(self, inner=contains_answer_reward):
+        self.inner = inner
+        self.flags, self.texts = [], []
+
+    def __call__(self, completions, is_off_policy, **kwargs):
+        self.flags.append(list(is_off_policy))
+        self.texts.append([c[0]["content"] if isinstance(c, list) else c for c in completions])
+        return self.inner(completions, **kwargs)
+
+
+def train(tokenizer, tmp_path, reward, dataset=None, model=None, **overrides):
+    trainer = MixedPolicyGRPOTrainer(
+        model=model or build_model(tokenizer),
+        reward_funcs=reward,
+        args=tiny_args(tmp_path, **overrides),
+        train_dataset=dataset if dataset is not None else math_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("num_generations,num_off_policy", [(4, 1), (4, 2), (8, 1)])
+def test_each_group_has_exactly_num_off_policy_teacher_rows(tokenizer, tmp_path, num_generations, num_off_policy):
+    recorder = Recorder()
+    train(tokenizer, tmp_path, recorder, num_generations=num_generations, num_off_policy=num_off_policy,
+          max_completion_length=40)
+    assert recorder.flags
+    for flags, texts in zip(recorder.flags, recorder.texts):
+        for g in range(0, len(flags), num_generations):
+            group = flags[g : g + num_generations]
+            assert sum(group) == num_off_policy
+            # the teacher rows carry the decoded teacher trace (ChatML: no `<think>` opener in the prompt)
+            for is_teacher, text in zip(group, texts[g : g + num_generations]):
+                if is_teacher:
+                    assert text.startswith("<think>\n") and text.endswith("}.")
+
+
+def test_num_off_policy_zero_equals_stock_grpo_trainer(tokenizer, tmp_path):
+    common = dict(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=8, num_generations=4, max_completion_length=12, max_steps=3,
+        learning_rate=1e-2, report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.001, weight_decay=0.01,
+        lr_scheduler_type="constant", epsilon_high=0.28,
+    )
+    stock = GRPOTrainer(model=build_model(tokenizer), reward_funcs=varied_reward, args=GRPOConfig(**common),
+                        train_dataset=math_dataset(), processing_class=tokenizer)
+    stock.train()
+    common.pop("output_dir")
+    ours = train(tokenizer, tmp_path, varied_reward, num_off_policy=0, on_policy_clip=True, **common)
+
+    stock_losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
+    our_losses = [h["loss"] for h in ours.state.log_history if "loss" in h]
+    assert len(our_losses) == 3
+    assert our_losses == pytest.approx(stock_losses, rel=1e-5, abs=1e-7)
+    assert any(abs(h["reward_std"]) > 0 for h in stock.state.log_history if "reward_std" in h)
+    for (name, p_stock), (_, p_ours) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+        torch.testing.assert_close(p_ours, p_stock, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_changes_every_parameter(tokenizer, tmp_path):
+    model = build_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = train(tokenizer, tmp_path, contains_answer_reward, model=model, max_completion_length=40)
+    # the teacher trace is correct and the random policy is not: the group has reward variance
+    assert trainer.state.log_history[0]["off_policy/reward_mean"] == 1.0
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged
+
+
+def teacher_trace_logp(trainer, dataset):
+    """Mean per-token log-probability of each prompt's teacher trace under the current model."""
+    tok, model = trainer.processing_class, trainer.model
+    values = []
+    with torch.no_grad():
+        for row in dataset:
+            prompt_ids = tok.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+            if not isinstance(prompt_ids, list):
+                prompt_ids = prompt_ids["input_ids"]
+            ids = trainer.teacher_tokenizer.encode(row["prompt"], prompt_ids, row["target"][0]["content"]).ids
+            full = torch.tensor([prompt_ids + ids])
+            logp = torch.log_softmax(model(full).logits[0, len(prompt_ids) - 1 : -1], -1)
+            values.append(logp.gather(-1, torch.tensor(ids).unsqueeze(-1)).mean().item())
+    return sum(values) / len(values)
+
+
+def test_teacher_trace_becomes_more_likely(tokenizer, tmp_path):
+    """Policy shaping on correct teacher traces with positive advantage raises their likelihood.
+
+    A random model rarely stops, so with `mask_truncated_completions` its samples are masked out (teacher rows never
+    are) and the update is LUFFY's off-policy term alone; with the samples in, their push-down dominates a random
+    model's first steps (the shaping weight on a p≈0.003 token is only ≈0.03).
+    """
+    dataset = math_dataset()
+    trainer = MixedPolicyGRPOTrainer(
+        model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=dataset,
+        processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_completion_length=32, max_steps=8, learning_rate=3e-2,
+                       mask_truncated_completions=True),
+    )
+    before = teacher_trace_logp(trainer, dataset)
+    trainer.train()
+    after = teacher_trace_logp(trainer, dataset)
+    assert after > before + 0.3, (before, after)
+
+
+def test_lora_updates_only_adapter_weights(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft", reason="LoRA needs the peft extra")
+    model = build_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = MixedPolicyGRPOTrainer(
+        model=model, reward_funcs=contains_answer_reward, train_dataset=math_dataset(), processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_completion_length=40, learning_rate=5e-2),
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    trainer.train()
+    changed_lora, changed_base = [], []
+    for name, param in trainer.model.named_parameters():
+        base_name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" in name:
+            changed_lora.append(name)  # adapters start at B=0; check they moved below
+        elif not torch.equal(param, before[base_name]):
+            changed_base.append(name)
+    assert not changed_base
+    lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_missing_teacher_keeps_a_full_sampled_group_and_is_counted(tokenizer, tmp_path):
+    dataset = math_dataset()
+    targets = list(dataset["target"])
+    targets[0], targets[1], targets[2] = None, [], [{"role": "assistant", "content": "   "}]
+    dataset = dataset.remove_columns("target").add_column("target", targets)
+    recorder = Recorder()
+    trainer = train(tokenizer, tmp_path, recorder, dataset=dataset, max_steps=4, per_device_train_batch_size=8,
+                    num_generations=4, max_completion_length=40)
+    total_rows = sum(len(f) for f in recorder.flags)
+    total_teacher = sum(sum(f) for f in recorder.flags)
+    missing = sum(h.get("off_policy/missing", 0) for h in trainer.state.log_history)
+    assert missing > 0  # 4 steps × 2 groups = 8 prompts of the 8-row dataset: every prompt was seen
+    assert total_teacher + missing == total_rows // 4
+
+
+def test_on_policy_generation_only(tokenizer, tmp_path, monkeypatch):
+    """Only the on-policy slots reach the generation backend: 7/8 of stock at G = 8 (7 + 1)."""
+    generated = []
+    original = GRPOTrainer._generate_single_turn
+
+    def counting(self, prompt_ids, *args, **kwargs):
+        generated.append(len(prompt_ids))
+        return original(self, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", counting)
+    trainer = train(tokenizer, tmp_path, contains_answer_reward, num_generations=8, per_device_train_batch_size=16,
+                    max_steps=2)
+    assert generated == [14, 14]
+    assert all(h["off_policy/discarded_generations"] == 0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_mask_truncated_completions_never_drops_teacher_rows(tokenizer, tmp_path):
+    captured = []
+    original = MixedPolicyGRPOTrainer._generate_and_score_completions
+
+    def capture(self, inputs):
+        out = original(self, inputs)
+        captured.append(out)
+        return out
+
+    trainer = MixedPolicyGRPOTrainer(
+        model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=math_dataset(),
+        processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_completion_length=6, mask_truncated_completions=True, max_steps=1),
+    )
+    trainer._generate_and_score_completions = capture.__get__(trainer)
+    trainer.train()
+    out = captured[0]
+    off = out["is_off_policy"]
+    assert off.any()
+    assert torch.all(out["completion_mask"][off].sum(1) == 6)  # truncated teacher traces still train
+    assert trainer.state.log_history[0]["off_policy/truncated"] == off.sum().item()
+    on_truncated = ~off & (out["completion_mask"].sum(1) == 0)
+    assert on_truncated.any()  # random on-policy samples hit the limit and are masked as in TRL
+    assert out["num_items_in_batch"].item() == out["completion_mask"].sum().item()
+
+
+def test_fake_vllm_sampling_logprobs_give_teacher_rows_ratio_one(tokenizer, tmp_path, monkeypatch):
+    """With vLLM-style sampling log-probs, TRL's IS ratio is exactly 1 on teacher rows (NaN log-probs)."""
+    original = GRPOTrainer._generate_single_turn
+
+    def fake_vllm(self, prompt_ids, *args, **kwargs):
+        self.use_vllm = False  # generate with transformers, return vLLM-style log-probs
+        try:
+            ids, _ = original(self, prompt_ids, *args, **kwargs)
+        finally:
+            self.use_vllm = True
+        return ids, [[-1.0] * len(c) for c in ids]  # wrong on purpose: IS ratios != 1 on sampled rows
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_vllm)
+    trainer = MixedPolicyGRPOTrainer(
+        model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=math_dataset(),
+        processing_class=tokenizer, args=tiny_args(tmp_path, max_completion_length=40, max_steps=1),
+    )
+    trainer.use_vllm = True  # the trainer-side vLLM code paths, with generation faked above
+    trainer.vllm_importance_sampling_correction = True
+    trainer.vllm_importance_sampling_mode = "token_truncate"
+    trainer.vllm_importance_sampling_clip_min, trainer.vllm_importance_sampling_clip_max = None, 3.0
+    trainer.model.train()
+    rows = [math_dataset()[i] for i in range(2) for _ in range(4)]
+    out = trainer._generate_and_score_completions(rows)
+    off, mask = out["is_off_policy"], out["completion_mask"].bool()
+    ratio = out["importance_sampling_ratio"]
+    assert torch.all(ratio[off] == 1.0)
+    assert not torch.all(ratio[~off][mask[~off]] == 1.0)
+
+
+def test_eval_batches_are_on_policy(tokenizer, tmp_path):
+    recorder = Recorder()
+    trainer = MixedPolicyGRPOTrainer(
+        model=build_model(tokenizer), reward_funcs=recorder, train_dataset=math_dataset(),
+        eval_dataset=math_dataset(4), processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
+    )
+    trainer.train()
+    eval_flags = recorder.flags[1:]
+    assert eval_flags and all(not any(f) for f in eval_flags)
+    assert any(recorder.flags[0])
+
+
+def test_plain_text_prompts(tokenizer, tmp_path):
+    recorder = Recorder()
+    train(tokenizer, tmp_path, recorder, dataset=math_dataset(conversational=False), max_completion_length=40)
+    teacher_texts = [t for flags, texts in zip(recorder.flags, recorder.texts) for f, t in zip(flags, texts) if f]
+    assert teacher_texts and all(t.startswith("<think>\n") for t in teacher_texts)
