@@ -22,7 +22,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # A reasoning template whose generation prompt already opens the thought (like LUFFY's Qwen-Math "think" template).
-THINK_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+THINK_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+assert THINK_TEMPLATE != CHATML_TEMPLATE
 
 _CORPUS = [
     "The answer is 42. Let me think step by step about 12 + 30 = 42.",

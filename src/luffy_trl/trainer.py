@@ -17,6 +17,8 @@ Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped p
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from accelerate.utils import gather
 from trl import GRPOConfig, GRPOTrainer
@@ -27,6 +29,11 @@ from luffy_trl.losses import SUPPORTED_LOSS_TYPES, aggregate_loss, mixed_policy_
 from luffy_trl.teacher import TeacherTokenizer, teacher_texts
 
 IS_OFF_POLICY = "is_off_policy"
+# Per generation batch, summed over processes and logged as off_policy/<name>.
+TEACHER_COUNTERS = ("missing", "invalid", "truncated", "tokenization_fallback", "discarded_generations")
+# Rows whose teacher value is type-checked at construction time, so a malformed column fails before training.
+ROWS_CHECKED_AT_INIT = 64
+logger = logging.getLogger(__name__)
 
 
 def teacher_slot(global_row: int, num_generations: int, num_off_policy: int) -> int | None:
@@ -93,6 +100,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             chat_template=self.chat_template,
             chat_template_kwargs=self.chat_template_kwargs,
         )
+        self._invalid_teacher_warnings = 0
         self._teacher_plan = None  # per local row: (prompt, teacher text or None), consumed by _generate_single_turn
         self._teacher_stats = None
         self._last_rewards_per_func = None
@@ -133,6 +141,10 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                     f"{list(columns)}. Point off_policy_column at the column with the teacher completions (LUFFY's "
                     "data calls it 'target'), or set num_off_policy=0 for plain GRPO."
                 )
+            if args.num_off_policy > 0 and hasattr(train_dataset, "select"):
+                head = train_dataset.select(range(min(ROWS_CHECKED_AT_INIT, len(train_dataset))))
+                for i, value in enumerate(head[args.off_policy_column]):
+                    teacher_texts(value, column=args.off_policy_column, row=i)
 
     # ------------------------------------------------------------------------------------------------------------
     # Batch assembly
@@ -141,7 +153,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         """Teacher text for each local row that occupies a teacher slot and has a trace, else None."""
         column = self.args.off_policy_column
         base = self.accelerator.process_index * len(inputs)
-        plan, missing = [], 0
+        plan, missing, invalid = [], 0, 0
         for i, row in enumerate(inputs):
             slot = teacher_slot(base + i, self.num_generations, self.num_off_policy)
             if slot is None:
@@ -152,13 +164,21 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                     f"Row {i} of the generation batch has no column {column!r} (columns: {sorted(row)}). Set "
                     "off_policy_column to the teacher column, or num_off_policy=0."
                 )
-            texts = teacher_texts(row[column], column=column, row=i)
+            try:
+                texts = teacher_texts(row[column], column=column, row=i)
+            except TypeError as err:  # the first rows were checked at construction: count, warn, carry on
+                texts = None
+                invalid += 1
+                if self._invalid_teacher_warnings < 5:
+                    self._invalid_teacher_warnings += 1
+                    logger.warning("%s The slot is sampled from the policy instead (off_policy/invalid).", err)
             if texts:
                 plan.append(texts[slot % len(texts)])
-            else:
-                plan.append(None)  # no trace: the slot is sampled from the policy like the others
-                missing += 1
-        self._teacher_stats = {"missing": missing, "truncated": 0, "tokenization_fallback": 0, "discarded_generations": 0}
+            else:  # no usable trace: the slot is sampled from the policy like the others
+                plan.append(None)
+                missing += texts is not None
+        self._teacher_stats = dict.fromkeys(TEACHER_COUNTERS, 0)
+        self._teacher_stats.update(missing=missing, invalid=invalid)
         return plan
 
     def _generate_and_score_completions(self, inputs):
@@ -281,7 +301,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         metrics["groups/all_on_policy_solved"].append((solved_per_group == on_per_group).float().mean().item())
 
         if self._teacher_stats is not None:
-            keys = ("missing", "truncated", "tokenization_fallback", "discarded_generations")
+            keys = TEACHER_COUNTERS
             local = torch.tensor([self._teacher_stats[k] for k in keys], device=self.accelerator.device)
             counts = gather(local.unsqueeze(0)).sum(0).tolist()
             for key, count in zip(keys, counts):
