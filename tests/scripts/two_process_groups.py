@@ -1,0 +1,55 @@
+"""Run under `torchrun --nproc_per_node 2` (gloo, CPU) by tests/test_distributed.py.
+
+Each process records, for every generation batch, the prompts and `is_off_policy` flags its reward function saw
+and the advantages of its slice; the test then checks the groups in TRL's global order.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from conftest import build_model, build_tokenizer, math_dataset, tiny_args  # noqa: E402
+
+from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
+
+out_dir = sys.argv[1]
+records = []
+
+
+def reward(completions, ground_truth, is_off_policy, prompts, **kwargs):
+    texts = [c[0]["content"] for c in completions]
+    rewards = [float(f"boxed{{{gt}}}" in t) for t, gt in zip(texts, ground_truth)]
+    records.append({"prompts": [p[-1]["content"] for p in prompts], "flags": list(is_off_policy),
+                    "rewards": rewards})
+    return rewards
+
+
+tokenizer = build_tokenizer()
+trainer = MixedPolicyGRPOTrainer(
+    model=build_model(tokenizer),
+    reward_funcs=reward,
+    args=tiny_args(out_dir, per_device_train_batch_size=3, gradient_accumulation_steps=2, num_generations=4,
+                   max_completion_length=40, max_steps=2),
+    train_dataset=math_dataset(),
+    processing_class=tokenizer,
+)
+original = trainer._generate_and_score_completions
+
+
+def capture(inputs):
+    output = original(inputs)
+    records[-1]["advantages"] = output["advantages"].tolist()
+    records[-1]["is_off_policy"] = output["is_off_policy"].tolist()
+    return output
+
+
+trainer._generate_and_score_completions = capture
+trainer.train()
+rank = trainer.accelerator.process_index
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+    json.dump({"world_size": trainer.accelerator.num_processes, "records": records,
+               "log": trainer.state.log_history}, f)

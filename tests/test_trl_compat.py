@@ -1,0 +1,74 @@
+"""Guard: the private TRL pieces MixedPolicyGRPOTrainer relies on. Fails loudly when TRL changes them.
+
+Supported range: trl>=1.16.0,<1.17 (pyproject.toml). When this file fails after a TRL upgrade, re-read
+`GRPOTrainer._generate_single_turn`, `_generate_and_score_completions`, `_calculate_rewards` and `_compute_loss`
+and update `luffy_trl/trainer.py` before widening the range.
+"""
+
+import inspect
+
+import pytest
+import trl
+from conftest import build_model, contains_answer_reward, math_dataset, tiny_args
+from packaging.version import Version
+from trl import GRPOTrainer
+
+from luffy_trl import MixedPolicyGRPOTrainer
+
+EXPECTED_SIGNATURES = {
+    "_generate_single_turn": ["self", "prompt_ids", "images", "multimodal_fields", "num_generations",
+                              "has_tool_images"],
+    "_generate_and_score_completions": ["self", "inputs"],
+    "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
+    "_compute_loss": ["self", "model", "inputs"],
+    "_get_per_token_logps_and_entropies": None,  # checked by keyword below
+    "get_high_entropy_mask": ["self", "entropies", "mask", "threshold"],
+    "get_off_policy_mask": ["advantages", "per_token_logps", "sampling_per_token_logps", "mask",
+                            "off_policy_threshold"],
+}
+LOGPS_KEYWORDS = {"model", "input_ids", "attention_mask", "logits_to_keep", "compute_entropy", "compute_aux_loss",
+                  "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids"}
+# Attributes of GRPOTrainer read by MixedPolicyGRPOTrainer.
+ATTRIBUTES = ["eos_token_ids", "_tokenizer", "chat_template", "chat_template_kwargs", "num_generations",
+              "max_completion_length", "mask_truncated_completions", "use_vllm", "vllm_importance_sampling_correction",
+              "top_entropy_quantile", "off_policy_mask_threshold", "beta", "epsilon_low", "epsilon_high",
+              "loss_type", "aux_loss_enabled", "router_aux_loss_coef", "_entropy_bonus_enabled", "entropy_coef",
+              "reward_weights", "_metrics", "_is_vlm"]
+OUTPUT_KEYS = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch"}
+
+
+def test_trl_version_is_in_the_supported_range():
+    assert Version("1.16.0") <= Version(trl.__version__) < Version("1.17"), trl.__version__
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SIGNATURES))
+def test_private_signatures(name):
+    params = list(inspect.signature(getattr(GRPOTrainer, name)).parameters)
+    if name == "_get_per_token_logps_and_entropies":
+        assert LOGPS_KEYWORDS <= set(params), sorted(LOGPS_KEYWORDS - set(params))
+    else:
+        assert params == EXPECTED_SIGNATURES[name]
+
+
+def test_trl_loss_source_still_has_the_normalisers_we_mirror():
+    """luffy_trl.losses.aggregate_loss mirrors these lines; test_trainer_loss checks the values."""
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    for fragment in ['loss_type in ["grpo", "sapo"]', 'loss_type == "bnpo"', 'loss_type == "dr_grpo"',
+                     '"dapo"', "per_token_loss.size(0) * self.max_completion_length",
+                     "current_gradient_accumulation_steps / self.args.steps_per_generation"]:
+        assert fragment in source, fragment
+
+
+def test_attributes_and_output_keys_of_one_step(tokenizer, tmp_path):
+    trainer = MixedPolicyGRPOTrainer(
+        model=build_model(tokenizer), reward_funcs=contains_answer_reward, args=tiny_args(tmp_path, max_steps=1),
+        train_dataset=math_dataset(), processing_class=tokenizer,
+    )
+    missing = [a for a in ATTRIBUTES if not hasattr(trainer, a)]
+    assert not missing
+    trainer.model.train()
+    rows = [math_dataset()[i] for i in range(2) for _ in range(4)]
+    out = trainer._generate_and_score_completions(rows)
+    assert OUTPUT_KEYS | {"is_off_policy"} <= set(out)
+    assert out["is_off_policy"].shape == out["advantages"].shape == (8,)
