@@ -253,3 +253,12 @@ def test_plain_text_prompts(tokenizer, tmp_path):
     train(tokenizer, tmp_path, recorder, dataset=math_dataset(conversational=False), max_completion_length=40)
     teacher_texts = [t for flags, texts in zip(recorder.flags, recorder.texts) for f, t in zip(flags, texts) if f]
     assert teacher_texts and all(t.startswith("<think>\n") for t in teacher_texts)
+
+
+def test_completions_table_marks_teacher_rows(tokenizer, tmp_path):
+    trainer = train(tokenizer, tmp_path, contains_answer_reward, max_steps=1, log_completions=True,
+                    max_completion_length=40)
+    flags = list(trainer._logs["extra"]["is_off_policy"])
+    rewards = list(trainer._logs["rewards"]["boxed_answer_reward"])
+    assert len(flags) == len(rewards) == 8 and sum(flags) == 2
+    assert all(r == 1.0 for f, r in zip(flags, rewards) if f)

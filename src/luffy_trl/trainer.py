@@ -191,6 +191,8 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             self._teacher_stats = None
         for row, text in zip(inputs, plan):
             row[IS_OFF_POLICY] = text is not None
+        if self.num_off_policy > 0:  # a column of the completions table (log_completions=True)
+            self._log_completion_extra(IS_OFF_POLICY, [text is not None for text in plan])
         self._teacher_plan = [(row["prompt"], text) for row, text in zip(inputs, plan)] if any(plan) else None
 
         output = super()._generate_and_score_completions(inputs)
