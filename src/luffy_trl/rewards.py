@@ -10,17 +10,18 @@ accept plain (`str`) and conversational (`[{"role": "assistant", "content": str}
 - `multiple_choice_reward`: letter (or digit) answers such as GPQA, ARC-c and MMLU-Pro, for evaluation.
 
 A gold answer that does not parse gives `None` (TRL: "not applicable"; the row is left out of the reward mean) for
-every completion of its row. A completion whose verification does not finish within the time limit scores 0.0.
-Both are counted and reported through TRL's `log_metric` as `rewards/<name>/gold_unparseable` and
+every completion of its row. A completion whose verification does not finish within the time limit (or whose worker
+fails) scores 0.0. Both are counted and reported through TRL's `log_metric` as `rewards/<name>/gold_unparseable` and
 `rewards/<name>/timeouts` (counts per call). `make_math_reward` and `make_choice_reward` build variants with another
 time limit, think gate or name.
 
 Hard time limit. math-verify's own timeouts use `signal.alarm`, which only works in the main thread, and a signal
-cannot interrupt long C calls (a huge integer power, a regex). Verification therefore runs in a per-process pool of
-persistent worker processes (plain `python` subprocesses: they import only this module, never the training script
-and never torch). A worker stops its task with a timer signal after `timeout` seconds; the parent kills a worker that
-has not answered `timeout + 1` seconds after it got the task and starts a fresh one. This works from any thread and
-in every process of a distributed run (each process has its own pool). Workers exit with their parent.
+cannot interrupt a long C call. Verification therefore runs in a per-process pool of persistent worker processes
+(plain `python` subprocesses that load only this file: never the training script, never torch). A worker stops its
+task with a timer signal after `timeout` seconds; the parent kills a worker that has not answered `timeout + 1`
+seconds after it got the task and starts a fresh one. This works from any thread and in every process of a
+distributed run (each process has its own pool). Workers exit when their parent exits or dies; as a last resort the
+kernel kills a worker that spends `timeout + 3` seconds of CPU time on one task.
 """
 
 from __future__ import annotations
@@ -63,12 +64,26 @@ _ANSWER_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionC
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure scoring functions (they run inside the worker processes)
 # ---------------------------------------------------------------------------------------------------------------------
+def _latex2sympy_workarounds(text: str) -> str:
+    """Rewrite notations that latex2sympy cannot parse into equivalent ones it can: a subscripted `E` (`E_1`, read
+    as a malformed number), `_{\\max}`/`_{\\min}` subscripts, and `_\\odot` (solar units). Applied to gold answers and
+    to completions alike, so that both sides keep matching."""
+    text = re.sub(r"(?<![\\A-Za-z])E_", r"\\mathcal{E}_", text)
+    text = re.sub(r"_\{\\(max|min)\s*\}", r"_{\1}", text)
+    return re.sub(r"_\{?\\odot\s*\}?", "_{sun}", text)
+
+
 def normalize_gold(gold: str) -> str:
-    """Clean a gold answer before parsing: strip `$` delimiters and a trailing period, turn `np.arcsin` into
-    `\\arcsin`, and `m_{\\max}` into `m_{max}` (a few benchmark golds are written this way)."""
-    gold = re.sub(r"(?<!\\)\$", "", str(gold)).strip().rstrip(".").strip()
-    gold = re.sub(r"\bnp\.([a-z]+)", r"\\\1", gold)
-    return re.sub(r"_\{\\(max|min)\s*\}", r"_{\1}", gold)
+    """Clean a gold answer before parsing (a few benchmark golds need it): keep only the first formula of a gold
+    that mixes `$...$` formulas with prose (`$f(x)=ax+b$, where $b$ is ...`), strip `$` delimiters and a trailing
+    period, turn `np.arcsin` into `\\arcsin`, and apply the latex2sympy workarounds."""
+    gold = str(gold).strip()
+    formulas = re.findall(r"(?<!\\)\$([^$]+)(?<!\\)\$", gold)
+    prose = re.sub(r"(?<!\\)\$[^$]*(?<!\\)\$|\\[A-Za-z]+", " ", gold)
+    if formulas and re.search(r"[A-Za-z]{3,}", prose):
+        gold = formulas[0]
+    gold = re.sub(r"(?<!\\)\$", "", gold).strip().rstrip(".").strip()
+    return _latex2sympy_workarounds(re.sub(r"\bnp\.([a-z]+)", r"\\\1", gold))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -90,7 +105,7 @@ def score_math(gold: str, answer: str | None) -> float | None:
         return None
     if answer is None:
         return 0.0
-    answer_parsed = parse(answer, list(_ANSWER_CONFIG), parsing_timeout=None)
+    answer_parsed = parse(_latex2sympy_workarounds(answer), list(_ANSWER_CONFIG), parsing_timeout=None)
     return float(verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
 
@@ -129,6 +144,20 @@ def score_choice(gold: str, answer: str | None) -> float | None:
 _SCORERS = {"math": score_math, "choice": score_choice}
 
 
+def _last_boxed_too_long(text: str) -> bool:
+    """Whether the last `\\boxed{` holds more than `MAX_BOXED_CHARS` characters or never closes."""
+    start = text.rfind("\\boxed")
+    brace = text.find("{", start, start + 16) if start >= 0 else -1
+    if brace < 0:
+        return False
+    depth = 0
+    for token in re.findall(r"\\.|[{}]", text[brace : brace + MAX_BOXED_CHARS + 2]):  # `\{` and `\}` do not count
+        depth += (token == "{") - (token == "}")
+        if depth == 0:
+            return False
+    return True
+
+
 def prepare_answer(text: str, think_gate: bool) -> str | None:
     """The part of a completion to verify, or None when it cannot score (cheap checks before any parsing).
 
@@ -142,17 +171,7 @@ def prepare_answer(text: str, think_gate: bool) -> str | None:
     if len(text) > MAX_ANSWER_CHARS:
         tail = text[-MAX_ANSWER_CHARS:]
         text = tail.split("\n", 1)[1] if "\n" in tail else tail
-    start = text.rfind("\\boxed")
-    brace = text.find("{", start, start + 16) if start >= 0 else -1
-    if brace >= 0:
-        depth = 0
-        for i, char in enumerate(text[brace : brace + MAX_BOXED_CHARS + 2]):
-            depth += (char == "{") - (char == "}")
-            if depth == 0:
-                break
-        if depth or i > MAX_BOXED_CHARS:
-            return None
-    return text
+    return None if _last_boxed_too_long(text) else text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -202,17 +221,22 @@ def _worker_main() -> None:
         protocol.write(json.dumps(result).encode() + b"\n")
 
 
-_WORKER_COMMAND = "from luffy_trl.rewards import _worker_main; _worker_main()"
+# Loads this very file by path (it imports nothing from luffy_trl): the worker runs the parent's code without importing
+# the package or changing sys.path.
+_WORKER_COMMAND = (
+    "import importlib.util, sys; spec = importlib.util.spec_from_file_location('luffy_reward_worker', sys.argv[1]); "
+    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); module._worker_main()"
+)
 
 
 class _Worker:
     """One worker subprocess and the task it holds: `(index, deadline)` or None."""
 
     def __init__(self):
-        src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_COMMAND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+            [sys.executable, "-c", _WORKER_COMMAND, os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         self.started = time.monotonic()
         self.ready = False
@@ -249,10 +273,9 @@ class _WorkerPool:
             self.workers += [_Worker() for _ in range(num_workers - len(self.workers))]
 
     def close(self) -> None:
-        with self.lock:
-            for worker in self.workers:
-                worker.kill()
-            self.workers = []
+        """Kill the workers. Does not wait for a batch in progress: this also runs at interpreter exit."""
+        for worker in self.workers:
+            worker.kill()
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
@@ -260,9 +283,11 @@ class _WorkerPool:
 
     def run(self, tasks: list[list], limit: float) -> list[tuple[float | None, str]]:
         """Score `tasks` (`[kind, gold, answer]` each) in parallel; `(score, status)` per task, status "ok",
-        "timeout" (the worker did not answer in time: 0.0) or "error" (0.0)."""
+        "timeout" (no answer in time: 0.0) or "error" (the worker died twice on it, or raised: 0.0). A task whose
+        worker dies is retried once on a fresh worker (the worker may have died before it got the task)."""
         with self.lock:
             results = [None] * len(tasks)
+            crashes = [0] * len(tasks)
             todo = deque(range(len(tasks)))
             while todo or any(w.task for w in self.workers):
                 for worker in self.workers:
@@ -270,7 +295,7 @@ class _WorkerPool:
                         index = todo.popleft()
                         try:
                             worker.send([*tasks[index], limit])
-                        except OSError:  # died while idle: retry the task on a fresh worker
+                        except OSError:  # died while idle
                             todo.appendleft(index)
                             self._replace(worker)
                             continue
@@ -285,8 +310,13 @@ class _WorkerPool:
                         raise RuntimeError("a reward worker failed to start (its error is on stderr)")
                     if message == "ready":
                         worker.ready = True
-                    elif message is None:  # crashed during its task
-                        results[worker.task[0]] = (0.0, "error")
+                    elif message is None:  # died with a task
+                        index = worker.task[0]
+                        crashes[index] += 1
+                        if crashes[index] < 2:
+                            todo.appendleft(index)
+                        else:
+                            results[index] = (0.0, "error")
                         self._replace(worker)
                     else:
                         results[worker.task[0]] = tuple(message)
@@ -308,7 +338,7 @@ _POOL_LOCK = threading.Lock()
 def default_num_workers() -> int:
     """CPUs available to this process divided among the processes of this node (`LOCAL_WORLD_SIZE`), 1 to 8."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE") or 1)))
 
 
 def _get_pool(num_workers: int | None) -> _WorkerPool:
@@ -395,14 +425,23 @@ class VerifiedReward:
 
 
 def make_math_reward(
-    *, think_gate: bool = True, timeout: float = DEFAULT_TIMEOUT, num_workers: int | None = None, name: str | None = None
+    *,
+    think_gate: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+    num_workers: int | None = None,
+    name: str | None = None,
 ) -> VerifiedReward:
     """A math-verify reward; `think_gate=True` is LUFFY's reward, `False` verifies the whole completion."""
-    return VerifiedReward("math", think_gate, timeout, num_workers, name or ("luffy_math_reward" if think_gate else "math_reward"))
+    name = name or ("luffy_math_reward" if think_gate else "math_reward")
+    return VerifiedReward("math", think_gate, timeout, num_workers, name)
 
 
 def make_choice_reward(
-    *, think_gate: bool = False, timeout: float = DEFAULT_TIMEOUT, num_workers: int | None = None, name: str | None = None
+    *,
+    think_gate: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    num_workers: int | None = None,
+    name: str | None = None,
 ) -> VerifiedReward:
     """A multiple-choice reward: the gold is an option label (`A`-`J`, `1`-`9`)."""
     return VerifiedReward("choice", think_gate, timeout, num_workers, name or "multiple_choice_reward")
