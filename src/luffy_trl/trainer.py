@@ -291,10 +291,11 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             return torch.nanmean(x).item() if x.numel() else float("nan")
 
         metrics["on_policy/reward_mean"].append(mean(total[on]))
-        metrics["off_policy/reward_mean"].append(mean(total[is_off]))
         metrics["on_policy/completion_length_mean"].append(mean(lengths[on]))
-        metrics["off_policy/completion_length_mean"].append(mean(lengths[is_off]))
-        metrics["off_policy/fraction_of_rows"].append(is_off.float().mean().item())
+        if self.num_off_policy > 0:
+            metrics["off_policy/reward_mean"].append(mean(total[is_off]))
+            metrics["off_policy/completion_length_mean"].append(mean(lengths[is_off]))
+            metrics["off_policy/fraction_of_rows"].append(is_off.float().mean().item())
 
         solved = (total >= self.args.success_reward_threshold) & on
         solved_per_group = solved.view(-1, self.num_generations).sum(1)
