@@ -145,6 +145,10 @@ def build_pretrained(script_args: LuffyScriptArguments, training_args: MixedPoli
     if script_args.gguf_file:  # GGUF checkpoints are dequantised by transformers; load them here
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **load_kwargs,
                                                      dtype=model_args.dtype or "float32")
+        # transformers dequantises GGUF weights into ordinary tensors but keeps the GGUF quantizer attached, which
+        # makes Trainer refuse to train; detach it, the model is a plain one.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
     else:
         model = model_args.model_name_or_path
         training_args.model_init_kwargs = {k: v for k, v in model_init_kwargs.items() if v is not None}

@@ -233,6 +233,11 @@ def test_yaml_config_and_command_line(tmp_path):
     assert (args.max_new_tokens, args.temperature, args.pass_k, args.protocol) == (512, 0.0, [1, 2], "luffy")
     assert cli.resolve_data_dir("../shared/data/benchmarks").name == "benchmarks"
 
+    docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    config.write_text(docs.split("```yaml\n", 1)[1].split("```", 1)[0])  # the docs' example parses as written
+    (args,) = TrlParser((cli.EvalArguments,)).parse_args_and_config(["--config", str(config)])
+    assert args.num_samples == "aime=16,aime25=16,amc=8" and args.tensor_parallel_size == 4
+
 
 @requires_benchmarks
 def test_tiny_model_end_to_end_on_every_benchmark(tokenizer, tmp_path):
@@ -305,9 +310,19 @@ def test_callback_on_two_processes(tmp_path):
     assert all(0 <= h["eval_bench/toy/avg@1"] <= 1 for h in ranks[0]["entries"])
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a loaded two-core machine, two threads made this generation 25 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
 @requires_smollm
 @requires_benchmarks
-def test_smollm2_on_two_math_problems(tmp_path):
+def test_smollm2_on_two_math_problems(one_thread):
     backend = TransformersBackend.from_pretrained(smollm_folder(), gguf_file=SMOLLM_GGUF)
     problems = load_problems(luffy_benchmark("math", BENCHMARKS), max_problems=2)
     summary = evaluate(backend, problems, LUFFY.with_overrides(max_new_tokens=24, temperature=0.0))

@@ -19,6 +19,10 @@ import torch
 from luffy_trl.evaluation.protocols import Protocol
 
 
+# Neutral values of transformers' other sampling filters (top-k off, min-p off, typical-p off).
+_NO_OTHER_SAMPLING = dict(top_k=0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
 @dataclass(frozen=True)
 class Generation:
     """One response: its text, its length in tokens (end token included) and whether it hit `max_new_tokens`."""
@@ -109,11 +113,14 @@ class TransformersBackend:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token for batched generation")
         sampling = (
-            dict(do_sample=True, temperature=protocol.temperature, top_p=protocol.top_p, top_k=0)
+            dict(do_sample=True, temperature=protocol.temperature, top_p=protocol.top_p, **_NO_OTHER_SAMPLING)
             if protocol.temperature > 0 else dict(do_sample=False)
         )
+        # Every value is set: transformers fills unset ones from the model's generation_config (e.g. a
+        # repetition penalty), which the protocol does not ask for.
         config = GenerationConfig(max_new_tokens=protocol.max_new_tokens, eos_token_id=sorted(end_ids),
-                                  pad_token_id=tokenizer.pad_token_id, **sampling)
+                                  pad_token_id=tokenizer.pad_token_id, num_beams=1, repetition_penalty=1.0,
+                                  no_repeat_ngram_size=0, min_new_tokens=0, **sampling)
         device = next(model.parameters()).device
         batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(device)
