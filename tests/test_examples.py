@@ -78,3 +78,25 @@ def test_resume_neither_repeats_nor_skips_data(tmp_path, monkeypatch):
               str(tmp_path / "part" / "checkpoint-2"))
     assert len(full) == 4 and first_half == full[:2]
     assert seen == full[2:]
+
+
+@pytest.mark.slow
+@pytest.mark.smollm
+def test_smollm2_lora_real_model_path(tmp_path):
+    """The real-model path on CPU: GGUF SmolLM2-135M-Instruct, its chat template, LoRA, math-verify reward,
+    metrics, a checkpoint, and reloading base + adapter for inference."""
+    from conftest import requires_smollm
+
+    if requires_smollm.args[0]:
+        pytest.skip(requires_smollm.kwargs["reason"])
+    example = load("smollm2_lora_cpu")
+    trainer, answer = example.main(["--max_steps", "2", "--save_steps", "1", "--output_dir", str(tmp_path),
+                                    "--max_completion_length", "48", "--demo_train_rows", "16"])
+    first = trainer.state.log_history[0]
+    assert first["off_policy/reward_mean"] == 1.0  # the worked solutions verify with math_reward
+    assert first["off_policy/tokenization_fallback"] == 0  # SmolLM2's ChatML template + trace tokenize jointly
+    assert (tmp_path / "checkpoint-1" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    base_params = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert not base_params
+    assert isinstance(answer, str) and answer.strip()
