@@ -5,9 +5,11 @@
 
 Both arms get the same model initialisation, data, seed and config (LUFFY's defaults apart from the sizes);
 the stock arm uses `GRPOConfig` with the same values. Each repetition trains both arms for `--steps` optimiser steps
-(the first step is a warm-up and not counted) and records TRL's logged `step_time`. Prints the median step time of
-each arm, the min/median of the per-repetition ratio, and the rows sent to generation per step; appends one JSON
-line per repetition to `--out`. Run it on an otherwise idle machine.
+(the first step is a warm-up and not counted) and records TRL's logged `step_time`, the time spent in the generation
+backend (`_generate_single_turn`) and in `_compute_loss` (forward pass + loss; the backward pass is in the step
+time). Prints the medians of each arm, the min/median of the per-repetition ratios, and the rows sent to generation
+per step; appends one JSON line per repetition to `--out`. Run it on an otherwise idle machine (`uptime`): another
+busy process on 2 cores slows torch's threaded kernels by an order of magnitude.
 """
 
 from __future__ import annotations
@@ -51,12 +53,26 @@ def run_arm(arm: str, args: argparse.Namespace, tokenizer, dataset) -> dict:
         )
     trainer.remove_callback(PrinterCallback)  # keep stdout for the summary
     original = GRPOTrainer._generate_single_turn
+    generation_times, tokens, loss_times = [], [], []
 
-    def counting(self, prompt_ids, *a, **k):
+    def timed_generation(self, prompt_ids, *a, **k):
+        start = time.perf_counter()
+        ids, logprobs = original(self, prompt_ids, *a, **k)
+        generation_times.append(time.perf_counter() - start)
         rows.append(len(prompt_ids))
-        return original(self, prompt_ids, *a, **k)
+        tokens.append(sum(len(c) for c in ids))
+        return ids, logprobs
 
-    GRPOTrainer._generate_single_turn = counting
+    compute_loss = trainer._compute_loss
+
+    def timed_loss(model, inputs):  # forward pass + loss (the backward pass is timed in step_time only)
+        start = time.perf_counter()
+        loss = compute_loss(model, inputs)
+        loss_times.append(time.perf_counter() - start)
+        return loss
+
+    trainer._compute_loss = timed_loss
+    GRPOTrainer._generate_single_turn = timed_generation
     try:
         start = time.perf_counter()
         trainer.train()
@@ -65,7 +81,9 @@ def run_arm(arm: str, args: argparse.Namespace, tokenizer, dataset) -> dict:
         GRPOTrainer._generate_single_turn = original
     step_times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][1:]
     return {"arm": arm, "step_time_median": statistics.median(step_times), "wall": wall,
-            "rows_generated_per_step": statistics.mean(rows)}
+            "generation_time_median": statistics.median(generation_times[1:]),
+            "loss_time_median": statistics.median(loss_times[1:]),
+            "rows_generated_per_step": statistics.mean(rows), "tokens_generated_per_step": statistics.mean(tokens)}
 
 
 def main(argv=None):
@@ -109,6 +127,10 @@ def main(argv=None):
         "rows_generated_per_step": {"stock": results[0]["stock"]["rows_generated_per_step"],
                                     "luffy": results[0]["luffy"]["rows_generated_per_step"]},
     }
+    for part in ("generation_time", "loss_time"):
+        part_ratios = [r["luffy"][f"{part}_median"] / r["stock"][f"{part}_median"] for r in results]
+        summary[f"{part}_ratio_median"] = statistics.median(part_ratios)
+        summary[f"{part}_ratio_min"] = min(part_ratios)
     print(json.dumps(summary, indent=2))
     return summary
 

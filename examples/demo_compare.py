@@ -3,13 +3,18 @@
     python examples/demo_compare.py --output_dir outputs/demo-compare
 
 Trains the recipe `examples/recipes/demo_cpu.yaml` twice through `train_luffy.py`'s code path, once with
-`num_off_policy=1` (LUFFY: 7 sampled + 1 teacher completion per group) and once with `num_off_policy=0` (GRPO: 8
-sampled), evaluates greedy held-out accuracy every `demo_heldout_every` steps, and writes
+`num_off_policy=1` (LUFFY: the recipe's groups of 4 hold 3 sampled + 1 teacher completion) and once with
+`num_off_policy=0` (GRPO: 4 sampled), evaluates greedy held-out accuracy every `demo_heldout_every` steps, and writes
 
 - `DIR/results.json`: for each arm (`"luffy"`, `"grpo"`): `final_accuracy` (the best of the last three
   evaluations), `accuracy_curve` ([step, accuracy] pairs), `train_reward` (per step: the on-policy samples' mean
   reward), `grad_norm` (per step), `wall_time_s`;
 - `DIR/curves.png`: held-out accuracy and on-policy train reward against the step, both arms.
+
+Each arm also records `teacher_used` (per step: teacher traces that took part, `off_policy/used`) and
+`teacher_traces_used` (their sum). `--arms` picks other arms than the default `luffy,grpo`, e.g.
+`--arms luffy,luffy_all_fail` compares LUFFY's always-on guidance with the all-fail trigger; the arms are listed in
+`ARMS` (`rl_sft_loss` and `no_shaping` are the paper's baselines).
 
 Any recipe field can be overridden after the flags, e.g. `--max_steps 4 --demo_heldout_every 2` for a smoke run.
 """
@@ -30,6 +35,19 @@ import train_luffy  # noqa: E402
 from transformers.trainer_callback import ProgressCallback  # noqa: E402
 
 
+# arm -> (num_off_policy, extra recipe overrides, plot label, colour)
+ARMS = {
+    "luffy": (1, [], "LUFFY (sampled + 1 teacher per group)", "tab:blue"),
+    "grpo": (0, [], "GRPO (all sampled)", "tab:red"),
+    "luffy_all_fail": (1, ["--off_policy_trigger", "all_fail"], "LUFFY, teacher only when all samples fail",
+                       "tab:green"),
+    "luffy_accuracy_below": (1, ["--off_policy_trigger", "accuracy_below"], "LUFFY, teacher when accuracy < 0.5",
+                             "tab:olive"),
+    "rl_sft_loss": (1, ["--off_policy_loss", "sft"], "RL w/ SFT loss", "tab:purple"),
+    "no_shaping": (1, ["--off_policy_shaping", "none"], "LUFFY without shaping", "tab:orange"),
+}
+
+
 class QuietProgressCallback(ProgressCallback):
     """TRL's progress bar without printing every log dict (the curves go to results.json and curves.png)."""
 
@@ -37,15 +55,16 @@ class QuietProgressCallback(ProgressCallback):
         pass
 
 
-def run_arm(name: str, num_off_policy: int, recipe: str, output_dir: pathlib.Path, overrides: list[str]) -> dict:
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+def run_arm(name: str, num_off_policy: int, recipe: str, output_dir: pathlib.Path, overrides: list[str],
+            arm_overrides: list[str] = ()) -> dict:
+    from transformers.trainer_callback import PrinterCallback
 
     from luffy_trl import MixedPolicyGRPOTrainer
     from luffy_trl.tasks.sorting import HeldoutAccuracyCallback, sorting_reward
 
     script_args, args, _ = train_luffy.make_parser().parse_args_and_config(
         ["--config", recipe, "--num_off_policy", str(num_off_policy), "--output_dir", str(output_dir / name),
-         "--logging_steps", "1", *overrides]
+         "--logging_steps", "1", *arm_overrides, *overrides]
     )
     model, tokenizer, train, _, heldout = train_luffy.build_sorting(script_args, args)
     trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=sorting_reward, args=args, train_dataset=train,
@@ -69,7 +88,9 @@ def run_arm(name: str, num_off_policy: int, recipe: str, output_dir: pathlib.Pat
         "train_reward": on_policy_reward,
         "grad_norm": [h["grad_norm"] for h in logs],
         "wall_time_s": wall,
+        "teacher_used": [h.get("off_policy/used", 0.0) for h in logs],
     }
+    result["teacher_traces_used"] = sum(result["teacher_used"])
     print(f"[{name}] held-out accuracy {result['final_accuracy']:.3f} (best of last three), {wall:.0f} s", flush=True)
     return result
 
@@ -81,7 +102,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"luffy": ("LUFFY (7 sampled + 1 teacher)", "tab:blue"), "grpo": ("GRPO (8 sampled)", "tab:red")}
+    styles = {name: (label, color) for name, (_, _, label, color) in ARMS.items()}
     for name, result in results.items():
         label, color = styles[name]
         steps, accs = zip(*result["accuracy_curve"])
@@ -108,18 +129,29 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--recipe", default=str(HERE / "recipes" / "demo_cpu.yaml"))
+    parser.add_argument("--arms", default="luffy,grpo",
+                        help=f"comma-separated arms to train, from: {', '.join(ARMS)} (default: luffy,grpo)")
     known, overrides = parser.parse_known_args(argv)
+    arms = [a.strip() for a in known.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     output_dir = pathlib.Path(known.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    results = {"luffy": run_arm("luffy", 1, known.recipe, output_dir, overrides),
-               "grpo": run_arm("grpo", 0, known.recipe, output_dir, overrides)}
+    results = {name: run_arm(name, ARMS[name][0], known.recipe, output_dir, overrides, ARMS[name][1])
+               for name in arms}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, output_dir / "curves.png")
     total = sum(r["wall_time_s"] for r in results.values())
-    print(f"LUFFY {results['luffy']['final_accuracy']:.3f} vs GRPO {results['grpo']['final_accuracy']:.3f} held-out "
-          f"accuracy; {total / 60:.1f} min in all. Wrote {output_dir / 'results.json'} and {output_dir / 'curves.png'}.")
+    if arms == ["luffy", "grpo"]:
+        summary = f"LUFFY {results['luffy']['final_accuracy']:.3f} vs GRPO {results['grpo']['final_accuracy']:.3f}"
+    else:
+        summary = " vs ".join(f"{name} {r['final_accuracy']:.3f} ({r['teacher_traces_used']:.0f} teacher traces)"
+                              for name, r in results.items())
+    print(f"{summary} held-out accuracy; {total / 60:.1f} min in all. Wrote {output_dir / 'results.json'} and "
+          f"{output_dir / 'curves.png'}.")
     return results
 
 

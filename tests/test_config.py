@@ -12,7 +12,10 @@ from luffy_trl.config import LUFFY_DEFAULTS, LUFFY_MATCHING_TRL_DEFAULTS
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 NEW_FIELDS = ["num_off_policy", "off_policy_column", "policy_shaping_gamma", "off_policy_shaping", "on_policy_clip",
-              "success_reward_threshold"]
+              "success_reward_threshold", "off_policy_trigger", "off_policy_trigger_threshold", "off_policy_schedule",
+              "off_policy_schedule_target", "off_policy_schedule_start", "off_policy_schedule_end",
+              "off_policy_schedule_warmup_steps", "off_policy_schedule_decay_steps", "off_policy_trace_selection",
+              "off_policy_logprobs_column", "off_policy_loss", "sft_loss_coef"]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from luffy_trl.guidance import OFF_POLICY_LOSSES, SCHEDULE_TARGETS, SCHEDULES, TRACE_SELECTIONS, TRIGGERS
 from luffy_trl.losses import SHAPING_FUNCTIONS
 
 # Inherited GRPOConfig fields whose default luffy-trl changes to match LUFFY's released headline run
@@ -62,8 +63,9 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             GRPO. Must be smaller than `num_generations`.
         off_policy_column (`str`, defaults to `"target"`):
             Dataset column holding the teacher completion: a string, LUFFY's list of
-            `{"role": "assistant", "content": ...}` messages, or a list of several strings (slot `j` of a group gets
-            trace `j mod n`). A missing, `None` or empty value keeps a full group of sampled completions (counted in
+            `{"role": "assistant", "content": ...}` messages, or a list of several strings (teacher slot `j` of a group
+            takes the `j`-th trace in the order of `off_policy_trace_selection`, cycling; by default trace `j mod n`).
+            A missing, `None` or empty value keeps a full group of sampled completions (counted in
             `off_policy/missing`).
         policy_shaping_gamma (`float`, defaults to `0.1`):
             γ of LUFFY's policy shaping f(p) = p / (p + γ).
@@ -75,8 +77,47 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             clip (`loss_remove_clip=True`), the paper keeps it; the default follows the released code. With one
             optimiser step per generation batch (TRL's default geometry) the ratio is exactly 1 and both agree.
         success_reward_threshold (`float`, defaults to `1.0`):
-            A completion counts as solved when its (weighted) total reward is at least this value. Used only for
-            the `groups/*` metrics.
+            A completion counts as solved when its (weighted) total reward is at least this value. Used by the
+            `groups/*` metrics and by `off_policy_trigger`.
+        off_policy_trigger (`str`, defaults to `"always"`):
+            When a group's teacher completion takes part: `"always"` (LUFFY), `"all_fail"` (only when no on-policy
+            sample of the group is solved; AMPO, HPT's switch) or `"accuracy_below"` (when the on-policy accuracy
+            of the group is below `off_policy_trigger_threshold`). A teacher row that does not take part is left
+            out of the group baseline and contributes no loss (its trace is still tokenized and scored).
+        off_policy_trigger_threshold (`float`, defaults to `0.5`):
+            Accuracy threshold of the `"accuracy_below"` trigger (strictly below fires), in (0, 1].
+        off_policy_schedule (`str`, defaults to `"constant"`):
+            Shape of the guidance schedule over optimiser steps: `"constant"`, `"linear"` or `"cosine"` decay from
+            `off_policy_schedule_start` to `off_policy_schedule_end`, after `off_policy_schedule_warmup_steps`
+            steps of linear warm-up from 0.
+        off_policy_schedule_target (`str`, defaults to `"loss_weight"`):
+            What the schedule controls: `"loss_weight"` multiplies the off-policy loss term (the shaped teacher term,
+            or the SFT term with `off_policy_loss="sft"`); `"group_share"` is the probability that a group gets
+            its teacher trace(s) (the other groups are sampled in full from the policy).
+        off_policy_schedule_start (`float`, defaults to `1.0`):
+            Schedule value after warm-up (the constant value for `"constant"`).
+        off_policy_schedule_end (`float`, defaults to `0.0`):
+            Value the `"linear"`/`"cosine"` decay reaches after `off_policy_schedule_decay_steps` steps.
+        off_policy_schedule_warmup_steps (`int`, defaults to `0`):
+            Steps of linear warm-up from 0 to `off_policy_schedule_start`.
+        off_policy_schedule_decay_steps (`int` or `None`, defaults to `None`):
+            Length of the decay after warm-up; `None` decays until the last training step (`max_steps`, or the step
+            count the Trainer derives from `num_train_epochs`).
+        off_policy_trace_selection (`str`, defaults to `"first"`):
+            With several traces per prompt (a list in `off_policy_column`), the order in which a group's teacher
+            slots take them; slot `j` takes the `j`-th (cycling): `"first"` (column order), `"shortest"` (fewest
+            policy tokens first) or `"random"` (a random permutation per group and step, seeded by `seed`).
+        off_policy_logprobs_column (`str` or `None`, defaults to `None`):
+            Dataset column with the teacher's per-token log-probs: one float per token of the teacher completion
+            as the trainer tokenizes it with the policy tokenizer (end-of-turn token included, or omitted: it then
+            gets log-prob 0). When set, the shaping uses the ratio π_θ/π_φ instead of π_φ = 1. A row whose values
+            do not fit falls back to π_φ = 1 (counted in `off_policy/logprobs_fallback`).
+        off_policy_loss (`str`, defaults to `"luffy"`):
+            How teacher rows train: `"luffy"` (group member with the shaped policy-gradient term) or `"sft"` (the
+            paper's "RL w/ SFT loss" baseline: teacher rows are left out of the group baseline and trained with
+            `sft_loss_coef` × token-mean NLL).
+        sft_loss_coef (`float`, defaults to `1.0`):
+            Coefficient of the SFT term with `off_policy_loss="sft"` (LUFFY's `sft_loss_coef`).
 
     LUFFY's headline run also differs from TRL in some inherited defaults, which this class changes:
     `loss_type="dr_grpo"`, `scale_rewards="none"`, `entropy_coef=0.001`, `weight_decay=0.01`,
@@ -121,7 +162,82 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     )
     success_reward_threshold: float = field(
         default=1.0,
-        metadata={"help": "Total reward at or above which a completion counts as solved (for groups/* metrics)."},
+        metadata={
+            "help": "Total reward at or above which a completion counts as solved (groups/* metrics and "
+            "off_policy_trigger)."
+        },
+    )
+
+    # ---- guidance beyond LUFFY: triggers, schedules, several traces, teacher log-probs, baselines ------------------
+    off_policy_trigger: str = field(
+        default="always",
+        metadata={
+            "help": "When a group's teacher completion takes part: 'always' (LUFFY), 'all_fail' (no on-policy "
+            "sample of the group is solved) or 'accuracy_below' (on-policy group accuracy < "
+            "off_policy_trigger_threshold). A teacher row that does not take part is left out of the group baseline "
+            "and of the loss.",
+            "choices": list(TRIGGERS),
+        },
+    )
+    off_policy_trigger_threshold: float = field(
+        default=0.5,
+        metadata={"help": "On-policy group accuracy below which the 'accuracy_below' trigger fires, in (0, 1]."},
+    )
+    off_policy_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "Guidance schedule over optimiser steps: 'constant', 'linear' or 'cosine' decay from "
+            "off_policy_schedule_start to off_policy_schedule_end (after a linear warm-up from 0).",
+            "choices": list(SCHEDULES),
+        },
+    )
+    off_policy_schedule_target: str = field(
+        default="loss_weight",
+        metadata={
+            "help": "What the schedule controls: 'loss_weight' (multiplier of the off-policy loss term) or "
+            "'group_share' (probability that a group gets its teacher trace).",
+            "choices": list(SCHEDULE_TARGETS),
+        },
+    )
+    off_policy_schedule_start: float = field(
+        default=1.0, metadata={"help": "Schedule value after warm-up (the value of a 'constant' schedule)."}
+    )
+    off_policy_schedule_end: float = field(
+        default=0.0, metadata={"help": "Value a 'linear' or 'cosine' schedule decays to."}
+    )
+    off_policy_schedule_warmup_steps: int = field(
+        default=0, metadata={"help": "Optimiser steps of linear warm-up from 0 to off_policy_schedule_start."}
+    )
+    off_policy_schedule_decay_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimiser steps of decay after warm-up; None decays until max_steps."},
+    )
+    off_policy_trace_selection: str = field(
+        default="first",
+        metadata={
+            "help": "With several traces per prompt, the order in which teacher slots take them (slot j takes the "
+            "j-th, cycling): 'first' (column order), 'shortest' (fewest tokens first) or 'random' (a random "
+            "permutation per group and step).",
+            "choices": list(TRACE_SELECTIONS),
+        },
+    )
+    off_policy_logprobs_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset column with the teacher's per-token log-probs (one float per teacher token under the "
+            "policy tokenizer). When set, the shaping uses π_θ/π_φ instead of π_φ = 1."
+        },
+    )
+    off_policy_loss: str = field(
+        default="luffy",
+        metadata={
+            "help": "How teacher rows train: 'luffy' (group member, shaped policy gradient) or 'sft' (the paper's "
+            "'RL w/ SFT loss' baseline: on-policy-only baseline, sft_loss_coef × token-mean NLL on the trace).",
+            "choices": list(OFF_POLICY_LOSSES),
+        },
+    )
+    sft_loss_coef: float = field(
+        default=1.0, metadata={"help": "Coefficient of the SFT term with off_policy_loss='sft'."}
     )
 
     # ---- inherited fields whose default follows LUFFY ---------------------------------------------------------------
@@ -174,8 +290,63 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             raise ValueError(f"policy_shaping_gamma must be > 0, got {self.policy_shaping_gamma!r}.")
         if not self.off_policy_column:
             raise ValueError("off_policy_column must name a dataset column (LUFFY's data uses 'target').")
+        self._check_guidance()
         if self.delta is not None and not self.on_policy_clip:
             raise ValueError(
                 "delta (two-sided clipping) only applies to the clipped on-policy objective: set on_policy_clip=True "
                 "or delta=None."
             )
+
+    def _check_guidance(self) -> None:
+        """Validation of the trigger, schedule, trace-selection, log-prob and baseline fields."""
+        import math
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}.")
+
+        choice("off_policy_trigger", TRIGGERS)
+        choice("off_policy_schedule", SCHEDULES)
+        choice("off_policy_schedule_target", SCHEDULE_TARGETS)
+        choice("off_policy_trace_selection", TRACE_SELECTIONS)
+        choice("off_policy_loss", OFF_POLICY_LOSSES)
+        threshold = self.off_policy_trigger_threshold
+        if self.off_policy_trigger == "accuracy_below" and not (0.0 < threshold <= 1.0):
+            raise ValueError(
+                f"off_policy_trigger_threshold must be in (0, 1] for the 'accuracy_below' trigger, got {threshold!r} "
+                "(an on-policy group accuracy strictly below it makes the teacher take part)."
+            )
+        start, end = self.off_policy_schedule_start, self.off_policy_schedule_end
+        for name, value in (("off_policy_schedule_start", start), ("off_policy_schedule_end", end)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+            if self.off_policy_schedule_target == "group_share" and value > 1:
+                raise ValueError(
+                    f"{name} is a probability with off_policy_schedule_target='group_share' and must be in [0, 1], "
+                    f"got {value!r}."
+                )
+        if not isinstance(self.off_policy_schedule_warmup_steps, int) or self.off_policy_schedule_warmup_steps < 0:
+            raise ValueError(
+                "off_policy_schedule_warmup_steps must be an integer >= 0, got "
+                f"{self.off_policy_schedule_warmup_steps!r}."
+            )
+        decay = self.off_policy_schedule_decay_steps
+        if decay is not None and (not isinstance(decay, int) or decay <= 0):
+            raise ValueError(f"off_policy_schedule_decay_steps must be None or an integer > 0, got {decay!r}.")
+        column = self.off_policy_logprobs_column
+        if column is not None:
+            if not column:
+                raise ValueError("off_policy_logprobs_column must name a dataset column or be None.")
+            if column == self.off_policy_column:
+                raise ValueError(
+                    f"off_policy_logprobs_column ({column!r}) must differ from off_policy_column: one holds the "
+                    "traces, the other their per-token log-probs."
+                )
+            if self.off_policy_loss == "sft":
+                raise ValueError(
+                    "off_policy_logprobs_column has no effect with off_policy_loss='sft' (the SFT term is the plain "
+                    "NLL of the trace); unset one of them."
+                )
+        coef = self.sft_loss_coef
+        if not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"sft_loss_coef must be a finite number >= 0, got {coef!r}.")

@@ -7,7 +7,9 @@ rollout log-probability `old_logp` and sequence advantage `A`:
 * off-policy token:  ℓ = −A · f(p), p = exp(logp), no clip, π_φ = 1  (LUFFY's policy shaping)
 
 with f(p) = p / (p + γ) (`"luffy"`), f(p) = p (`"none"`, the unshaped ratio) or f = log p (`"logp"`, SFT-like).
-The per-token losses are then reduced with one of TRL's normalisers (`aggregate_loss`).
+When the teacher's own log-probs are known, p becomes the ratio π_θ/π_φ = exp(logp − logp_teacher).
+The per-token losses are then reduced with one of TRL's normalisers (`aggregate_loss`). The "RL w/ SFT loss"
+baseline replaces the teacher rows' policy-gradient term by a token-mean NLL (`sft_nll_loss`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ def mixed_policy_per_token_loss(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     delta: float | None = None,
+    teacher_per_token_logps: torch.Tensor | None = None,
+    off_policy_weight: float = 1.0,
+    off_policy_loss: str = "luffy",
 ) -> MixedLoss:
     """LUFFY's per-token policy loss for a batch that mixes on-policy and off-policy (teacher) rows.
 
@@ -89,6 +94,11 @@ def mixed_policy_per_token_loss(
         clip: clip the on-policy ratio to [1 − epsilon_low, 1 + epsilon_high] (PPO/GRPO). Never applied to
             off-policy tokens.
         delta: optional upper cap of the on-policy ratio (TRL's two-sided clipping); needs `clip=True`.
+        teacher_per_token_logps: optional (B, T) log π_φ of the teacher tokens; f is then applied to the ratio
+            exp(logp − logp_teacher) instead of p (π_φ = 1). 0 on a token means π_φ = 1 there.
+        off_policy_weight: multiplier of the off-policy per-token loss (a guidance schedule's loss weight).
+        off_policy_loss: `"luffy"` (the shaped term above) or `"sft"`: teacher tokens get no policy-gradient loss
+            (the caller adds `sft_nll_loss` instead).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
@@ -116,9 +126,19 @@ def mixed_policy_per_token_loss(
         on_policy_loss = -ratio * advantages
         is_low_clipped = is_high_clipped = false
 
-    shaped = shaping_function(per_token_logps, shaping, gamma)
-    off_policy_loss = -advantages * shaped
-    per_token_loss = torch.where(off, off_policy_loss, on_policy_loss)
+    if teacher_per_token_logps is None:
+        shaped = shaping_function(per_token_logps, shaping, gamma)
+    else:
+        shaped = shaping_function(per_token_logps - teacher_per_token_logps, shaping, gamma)
+    if off_policy_loss == "luffy":
+        off_token_loss = -advantages * shaped
+        if off_policy_weight != 1.0:
+            off_token_loss = off_token_loss * off_policy_weight
+    elif off_policy_loss == "sft":
+        off_token_loss = torch.zeros_like(on_policy_loss)
+    else:
+        raise ValueError(f"Unknown off_policy_loss {off_policy_loss!r}; expected 'luffy' or 'sft'.")
+    per_token_loss = torch.where(off, off_token_loss, on_policy_loss)
     return MixedLoss(
         per_token_loss=per_token_loss,
         ratio=ratio,
@@ -126,6 +146,17 @@ def mixed_policy_per_token_loss(
         is_high_clipped=is_high_clipped,
         shaping_weight=shaped.detach(),
     )
+
+
+def sft_nll_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, is_off_policy: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the teacher tokens: Σ(−logp · m_off) / Σ m_off (0 without any).
+
+    The SFT term of the "RL w/ SFT loss" baseline (LUFFY's `use_sft_multitask_loss`), per micro-batch; the trainer
+    multiplies it by `sft_loss_coef` (and a schedule's loss weight) and divides by gradient accumulation, like
+    TRL's entropy term.
+    """
+    off_mask = mask * is_off_policy.to(mask.dtype).view(-1, 1)
+    return (-per_token_logps * off_mask).sum() / off_mask.sum().clamp(min=1.0)
 
 
 def aggregate_loss(

@@ -7,6 +7,7 @@ template, and `teacher_ids` ends with the token that ends an assistant turn (the
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,16 +23,26 @@ def teacher_texts(value, *, column: str = "target", row: int | None = None) -> l
     a list of strings; `None` or empty (→ `[]`, the row keeps a full on-policy group). Anything else raises a
     `TypeError` naming the column and the row.
     """
+    return [text for _, text in teacher_traces(value, column=column, row=row)]
+
+
+def teacher_traces(value, *, column: str = "target", row: int | None = None) -> list[tuple[int, str]]:
+    """Like `teacher_texts`, with each text's position in the column value: `[(position, text), ...]`.
+
+    The position is the index of the item in the list (0 for a plain string); it keys the matching entry of the
+    teacher log-probs column (`teacher_logprobs`). Skipped items (non-assistant messages, `None`, blank strings)
+    keep their index, so positions stay aligned with the raw list.
+    """
     if value is None:
         return []
     if isinstance(value, str):
-        return [value] if value.strip() else []
+        return [(0, value)] if value.strip() else []
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, Sequence) or hasattr(value, "tolist"):
         value = value.tolist() if hasattr(value, "tolist") else value
-        texts = []
-        for item in value:
+        traces = []
+        for position, item in enumerate(value):
             if isinstance(item, dict) and "content" in item:
                 if item.get("role", "assistant") != "assistant":
                     continue
@@ -41,9 +52,9 @@ def teacher_texts(value, *, column: str = "target", row: int | None = None) -> l
             if not isinstance(item, str):
                 break
             if item.strip():
-                texts.append(item)
+                traces.append((position, item))
         else:
-            return texts
+            return traces
     where = f" (row {row})" if row is not None else ""
     raise TypeError(
         f"Column {column!r}{where} holds a {type(value).__name__} that is not a teacher completion: expected a "
@@ -52,11 +63,43 @@ def teacher_texts(value, *, column: str = "target", row: int | None = None) -> l
     )
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def teacher_logprobs(value, position: int):
+    """The teacher log-probs that belong to the trace at `position` of the teacher column, or None.
+
+    `value` is the row's value of `off_policy_logprobs_column`: a flat list of numbers (the log-probs of the
+    trace at position 0, i.e. of a single-trace row), or a list with one entry per item of the teacher column
+    (each a list of numbers or `None`). Anything else gives None; the trainer then counts the row as a fallback
+    to π_φ = 1 (`off_policy/logprobs_fallback`) instead of failing.
+    """
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) == 0:
+        return None
+    if _is_number(value[0]):
+        return value if position == 0 else None
+    if position >= len(value):
+        return None
+    entry = value[position]
+    if hasattr(entry, "tolist"):
+        entry = entry.tolist()
+    if not isinstance(entry, Sequence) or isinstance(entry, (str, bytes)):
+        return None
+    return entry
+
+
 @dataclass
 class EncodedTeacher:
     ids: list[int]
     truncated: bool
     used_fallback: bool
+    num_tokens: int = 0
+    """Length of the completion before truncation to `max_completion_length` (end-of-turn token included)."""
 
 
 class TeacherTokenizer:
@@ -148,7 +191,8 @@ class TeacherTokenizer:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eot_id]
         else:
             ids = joint[len(prompt_ids) :]
-        truncated = self.max_completion_length is not None and len(ids) > self.max_completion_length
+        num_tokens = len(ids)
+        truncated = self.max_completion_length is not None and num_tokens > self.max_completion_length
         if truncated:
             ids = ids[: self.max_completion_length]
-        return EncodedTeacher(ids=ids, truncated=truncated, used_fallback=used_fallback)
+        return EncodedTeacher(ids=ids, truncated=truncated, used_fallback=used_fallback, num_tokens=num_tokens)

@@ -7,8 +7,11 @@ Data flow of one generation batch (docs/method.md has the formulas):
    row has a teacher completion) and exposes the flag to reward functions as the `is_off_policy` column.
 2. `_generate_single_turn` generates only the on-policy rows and puts the tokenized teacher completion in the
    teacher slots (with "unknown" sampling log-probs, so vLLM's importance-sampling ratio is exactly 1 there).
-3. TRL decodes, scores (teacher rows with the same reward functions), computes group advantages over the mixed
-   group, pads, shuffles and splits; an `is_off_policy` (B,) tensor travels with the batch.
+3. TRL decodes and scores every row (teacher rows with the same reward functions). `_calculate_rewards` then applies
+   the trigger (`luffy_trl.guidance`) on the gathered rewards: a teacher row that does not take part (and, for the
+   "RL w/ SFT loss" baseline, every teacher row) gets NaN rewards, so TRL leaves it out of the group baseline and
+   gives it advantage 0. TRL computes the group advantages, pads, shuffles and splits; an `is_off_policy` (B,)
+   tensor travels with the batch, and teacher rows that do not take part get an all-zero completion mask.
 4. `_compute_loss` runs one forward pass and calls the pure `luffy_trl.losses` functions.
 
 Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL's.
@@ -25,12 +28,24 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from luffy_trl.config import MixedPolicyGRPOConfig
-from luffy_trl.losses import SUPPORTED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss
-from luffy_trl.teacher import TeacherTokenizer, teacher_texts
+from luffy_trl.guidance import (
+    align_teacher_logprobs,
+    group_gets_teacher,
+    keyed_rng,
+    participating_teacher_rows,
+    schedule_value,
+    trace_order,
+    trigger_fired,
+)
+from luffy_trl.losses import SUPPORTED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
+from luffy_trl.teacher import TeacherTokenizer, teacher_logprobs, teacher_texts, teacher_traces
 
 IS_OFF_POLICY = "is_off_policy"
+TEACHER_LOGPS = "teacher_per_token_logps"
 # Per generation batch, summed over processes and logged as off_policy/<name>.
 TEACHER_COUNTERS = ("missing", "invalid", "truncated", "tokenization_fallback", "discarded_generations")
+# Logged only when `off_policy_logprobs_column` is set.
+LOGPROB_COUNTERS = ("logprobs_used", "logprobs_fallback")
 # Rows whose teacher value is type-checked at construction time, so a malformed column fails before training.
 ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
@@ -101,9 +116,14 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             chat_template_kwargs=self.chat_template_kwargs,
         )
         self._invalid_teacher_warnings = 0
-        self._teacher_plan = None  # per local row: (prompt, teacher text or None), consumed by _generate_single_turn
+        # per local row: (prompt, teacher text or None, teacher log-probs or None), consumed by _generate_single_turn
+        self._teacher_plan = None
         self._teacher_stats = None
         self._last_rewards_per_func = None
+        self._teacher_logprobs_plan = None
+        self._teacher_logps_rows = None  # local row -> aligned teacher log-probs (off_policy_logprobs_column)
+        self._guidance = None  # the trigger's decisions for the current generation batch (global tensors)
+        self._generation_key = (-1, -1)  # (global step, index of the generation batch within that step)
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction-time checks
@@ -141,6 +161,13 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                     f"{list(columns)}. Point off_policy_column at the column with the teacher completions (LUFFY's "
                     "data calls it 'target'), or set num_off_policy=0 for plain GRPO."
                 )
+            logprobs_column = args.off_policy_logprobs_column
+            if args.num_off_policy > 0 and logprobs_column is not None and logprobs_column not in columns:
+                raise ValueError(
+                    f"off_policy_logprobs_column={logprobs_column!r} is not a column of train_dataset; columns "
+                    f"present: {list(columns)}. Point it at the column with the teacher's per-token log-probs, or set "
+                    "it to None (π_φ = 1, LUFFY's default)."
+                )
             if args.num_off_policy > 0 and hasattr(train_dataset, "select"):
                 head = train_dataset.select(range(min(ROWS_CHECKED_AT_INIT, len(train_dataset))))
                 for i, value in enumerate(head[args.off_policy_column]):
@@ -149,15 +176,51 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Batch assembly
     # ------------------------------------------------------------------------------------------------------------
+    def _schedule_value(self) -> float:
+        """The guidance schedule at the current optimiser step (`luffy_trl.guidance.schedule_value`)."""
+        args = self.args
+        return schedule_value(
+            self.state.global_step,
+            args.off_policy_schedule,
+            start=args.off_policy_schedule_start,
+            end=args.off_policy_schedule_end,
+            warmup_steps=args.off_policy_schedule_warmup_steps,
+            decay_steps=args.off_policy_schedule_decay_steps,
+            max_steps=self.state.max_steps,
+        )
+
+    def _next_generation_key(self) -> tuple[int, int]:
+        """(global step, index of this generation batch within the step): the key of this batch's random draws.
+
+        Identical on every process (they generate in lockstep) and after a resume (which starts at a step boundary).
+        """
+        step, index = self._generation_key
+        self._generation_key = (self.state.global_step, index + 1 if step == self.state.global_step else 0)
+        return self._generation_key
+
     def _plan_teacher_rows(self, inputs: list[dict]) -> list[str | None]:
-        """Teacher text for each local row that occupies a teacher slot and has a trace, else None."""
-        column = self.args.off_policy_column
+        """Teacher text for each local row that occupies a teacher slot and has a trace, else None.
+
+        Also decides the group share of a `group_share` schedule and which of several traces each slot takes
+        (`off_policy_trace_selection`), and looks up the teacher log-probs of the chosen trace
+        (`self._teacher_logprobs_plan`).
+        """
+        args = self.args
+        column, logprobs_column = args.off_policy_column, args.off_policy_logprobs_column
         base = self.accelerator.process_index * len(inputs)
-        plan, missing, invalid = [], 0, 0
+        step, generation = self._next_generation_key()
+        share = 1.0
+        if args.off_policy_schedule_target == "group_share":
+            share = self._schedule_value()
+            self._metrics["train"]["off_policy/schedule_value"].append(share)
+        plan, logprobs_plan, missing, invalid = [], [], 0, 0
         for i, row in enumerate(inputs):
+            logprobs_plan.append(None)
             slot = teacher_slot(base + i, self.num_generations, self.num_off_policy)
-            if slot is None:
-                plan.append(None)
+            group = (base + i) // self.num_generations
+            if slot is None or not group_gets_teacher(share, seed=args.seed, step=step, generation=generation,
+                                                      group=group):
+                plan.append(None)  # an on-policy slot, or a group the schedule leaves without a teacher trace
                 continue
             if column not in row:
                 raise KeyError(
@@ -165,25 +228,36 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                     "off_policy_column to the teacher column, or num_off_policy=0."
                 )
             try:
-                texts = teacher_texts(row[column], column=column, row=i)
+                traces = teacher_traces(row[column], column=column, row=i)
             except TypeError as err:  # the first rows were checked at construction: count, warn, carry on
-                texts = None
+                traces = None
                 invalid += 1
                 if self._invalid_teacher_warnings < 5:
                     self._invalid_teacher_warnings += 1
                     logger.warning("%s The slot is sampled from the policy instead (off_policy/invalid).", err)
-            if texts:
-                plan.append(texts[slot % len(texts)])
-            else:  # no usable trace: the slot is sampled from the policy like the others
+            if not traces:  # no usable trace: the slot is sampled from the policy like the others
                 plan.append(None)
-                missing += texts is not None
-        self._teacher_stats = dict.fromkeys(TEACHER_COUNTERS, 0)
+                missing += traces is not None
+                continue
+            lengths = rng = None
+            if args.off_policy_trace_selection == "shortest" and len(traces) > 1:
+                lengths = [len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in traces]
+            elif args.off_policy_trace_selection == "random" and len(traces) > 1:
+                rng = keyed_rng("trace", args.seed, step, generation, group)
+            order = trace_order(len(traces), args.off_policy_trace_selection, lengths=lengths, rng=rng)
+            position, text = traces[order[slot % len(traces)]]
+            plan.append(text)
+            if logprobs_column is not None:
+                logprobs_plan[-1] = teacher_logprobs(row.get(logprobs_column), position)
+        self._teacher_stats = dict.fromkeys(TEACHER_COUNTERS + LOGPROB_COUNTERS, 0)
         self._teacher_stats.update(missing=missing, invalid=invalid)
+        self._teacher_logprobs_plan = logprobs_plan
         return plan
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         inputs = [dict(row) for row in inputs]  # rows may be shared objects; the flag is per completion
+        self._teacher_logprobs_plan = [None] * len(inputs)
         if mode == "train" and self.num_off_policy > 0:
             plan = self._plan_teacher_rows(inputs)
         else:  # evaluation batches stay purely on-policy
@@ -193,7 +267,11 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             row[IS_OFF_POLICY] = text is not None
         if self.num_off_policy > 0:  # a column of the completions table (log_completions=True)
             self._log_completion_extra(IS_OFF_POLICY, [text is not None for text in plan])
-        self._teacher_plan = [(row["prompt"], text) for row, text in zip(inputs, plan)] if any(plan) else None
+        self._teacher_plan = None
+        if any(plan):
+            self._teacher_plan = list(zip([row["prompt"] for row in inputs], plan, self._teacher_logprobs_plan))
+        self._teacher_logps_rows = {}
+        self._guidance = None
 
         output = super()._generate_and_score_completions(inputs)
         self._teacher_plan = None
@@ -205,7 +283,43 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             self._mask_truncated_on_policy_rows(output)
         if mode == "train":
             self._log_mixed_batch_metrics(output)
+            if self.num_off_policy > 0:
+                self._apply_guidance(output)
+                if self.args.off_policy_logprobs_column is not None:
+                    output[TEACHER_LOGPS] = self._teacher_logps_tensor(output["completion_ids"])
         return output
+
+    def _apply_guidance(self, output) -> None:
+        """Zero the completion mask of teacher rows whose trigger did not fire (no loss, no tokens in normalisers).
+
+        `_calculate_rewards` made the decisions on the gathered rewards, so every process agrees; this process owns
+        global rows `[process_index · B, (process_index + 1) · B)`. With `off_policy_loss="sft"` the policy-gradient
+        term covers on-policy tokens only, so `num_items_in_batch` (the `dapo` normaliser) counts only those.
+        """
+        decision = self._guidance
+        if decision is None:
+            return
+        num_rows = output["completion_mask"].size(0)
+        local = slice(self.accelerator.process_index * num_rows, (self.accelerator.process_index + 1) * num_rows)
+        excluded = decision["excluded"]
+        sft = self.args.off_policy_loss == "sft"
+        if excluded.any():  # global: the same branch on every process (the gather below is collective)
+            keep = (~excluded[local]).to(output["completion_mask"].device).unsqueeze(1)
+            output["completion_mask"] = output["completion_mask"] * keep.to(output["completion_mask"].dtype)
+        if excluded.any() or (sft and decision["is_off"].any()):
+            loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+            if sft:
+                loss_mask = loss_mask * (~output[IS_OFF_POLICY]).unsqueeze(1).to(loss_mask.dtype)
+            output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+    def _teacher_logps_tensor(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """(B, C) teacher log-probs aligned with the completion tokens; 0 (π_φ = 1) where there are none."""
+        logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+        for i, values in (self._teacher_logps_rows or {}).items():
+            n = min(len(values), logps.size(1))
+            logps[i, :n] = torch.tensor(values[:n], dtype=torch.float32, device=logps.device)
+        self._teacher_logps_rows = None
+        return logps
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         plan, self._teacher_plan = self._teacher_plan, None  # consume once
@@ -214,12 +328,20 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                                                  has_tool_images)
         stats = self._teacher_stats
         teacher_ids = {}
-        for i, (prompt, text) in enumerate(plan):
+        use_logprobs = self.args.off_policy_logprobs_column is not None
+        for i, (prompt, text, logprobs) in enumerate(plan):
             if text is not None:
                 encoded = self.teacher_tokenizer.encode(prompt, prompt_ids[i], text)
                 teacher_ids[i] = encoded.ids
                 stats["truncated"] += encoded.truncated
                 stats["tokenization_fallback"] += encoded.used_fallback
+                if use_logprobs:
+                    aligned = align_teacher_logprobs(logprobs, encoded.num_tokens, len(encoded.ids))
+                    if aligned is None:
+                        stats["logprobs_fallback"] += 1
+                    else:
+                        stats["logprobs_used"] += 1
+                        self._teacher_logps_rows[i] = aligned
 
         if self._can_generate_subset(images, multimodal_fields):
             # Generate only the on-policy rows. Every process generates at least one row, so that collective
@@ -264,6 +386,42 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards_per_func = rewards_per_func  # gathered over processes; read by the metrics below
+        self._guidance = None
+        if self.model.training and self.num_off_policy > 0:
+            rewards_per_func = self._decide_guidance(inputs, rewards_per_func)
+        return rewards_per_func
+
+    def _decide_guidance(self, inputs, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """Apply `off_policy_trigger` to the gathered rewards; NaN the rewards of teacher rows kept out of the baseline.
+
+        Teacher rows whose group's trigger did not fire, and with `off_policy_loss="sft"` every teacher row, get NaN
+        for every reward function: TRL then treats them as unscorable (left out of the group mean and std, advantage
+        0). The rewards are gathered, so every process computes the same decisions.
+        """
+        args = self.args
+        device = rewards_per_func.device
+        local_off = torch.tensor([bool(row.get(IS_OFF_POLICY, False)) for row in inputs], device=device)
+        is_off = gather(local_off)
+        weights = self.reward_weights.to(device)
+        total = (rewards_per_func * weights).nansum(dim=1)
+        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        fired = trigger_fired(
+            total, is_off, self.num_generations, args.off_policy_trigger,
+            success_threshold=args.success_reward_threshold, accuracy_threshold=args.off_policy_trigger_threshold,
+        )
+        takes_part = participating_teacher_rows(is_off, fired, self.num_generations)
+        excluded = is_off & ~takes_part
+        self._guidance = {
+            "is_off": is_off,
+            "fired": fired,
+            "takes_part": takes_part,
+            "excluded": excluded,
+            "has_teacher": is_off.view(-1, self.num_generations).any(dim=1),
+        }
+        out_of_baseline = is_off if args.off_policy_loss == "sft" else excluded
+        if out_of_baseline.any():
+            rewards_per_func = rewards_per_func.clone()
+            rewards_per_func[out_of_baseline] = torch.nan
         return rewards_per_func
 
     def _mask_truncated_on_policy_rows(self, output) -> None:
@@ -305,10 +463,20 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
 
         if self._teacher_stats is not None:
             keys = TEACHER_COUNTERS
+            if self.args.off_policy_logprobs_column is not None:
+                keys = keys + LOGPROB_COUNTERS
             local = torch.tensor([self._teacher_stats[k] for k in keys], device=self.accelerator.device)
             counts = gather(local.unsqueeze(0)).sum(0).tolist()
             for key, count in zip(keys, counts):
                 metrics[f"off_policy/{key}"].append(float(count))
+
+        decision = self._guidance
+        if decision is not None:
+            metrics["off_policy/used"].append(decision["takes_part"].sum().item())
+            if decision["has_teacher"].any():
+                metrics["off_policy/trigger_fired"].append(
+                    decision["fired"][decision["has_teacher"]].float().mean().item()
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -377,6 +545,12 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             is_ratio = inputs["importance_sampling_ratio"]
             weights = weights * torch.where(off_rows, torch.ones_like(is_ratio), is_ratio)
 
+        # Guidance strength: a loss-weight schedule multiplies the off-policy term (1.0, i.e. untouched, by default).
+        off_policy_weight = 1.0
+        if mode == "train" and self.num_off_policy > 0 and self.args.off_policy_schedule_target == "loss_weight":
+            off_policy_weight = self._schedule_value()
+            self._metrics[mode]["off_policy/schedule_value"].append(off_policy_weight)
+        sft = self.args.off_policy_loss == "sft"
         losses = mixed_policy_per_token_loss(
             per_token_logps,
             old_per_token_logps,
@@ -388,8 +562,13 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             epsilon_low=self.epsilon_low,
             epsilon_high=self.epsilon_high,
             delta=self.args.delta,
+            teacher_per_token_logps=inputs.get(TEACHER_LOGPS),
+            off_policy_weight=off_policy_weight,
+            off_policy_loss=self.args.off_policy_loss,
         )
         per_token_loss = losses.per_token_loss * weights
+        # "RL w/ SFT loss": the policy-gradient term covers on-policy tokens only; teacher tokens get the NLL below.
+        pg_mask = mask * (~off_rows) if sft else mask
 
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
@@ -400,7 +579,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
 
         loss = aggregate_loss(
             per_token_loss,
-            mask,
+            pg_mask,
             self.loss_type,
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs["num_items_in_batch"],
@@ -420,15 +599,21 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        sft_nll = None
+        if sft:
+            # Token-mean NLL over this micro-batch's teacher tokens, scaled like TRL's entropy term (÷ GA).
+            sft_nll = sft_nll_loss(per_token_logps, mask, is_off)
+            loss = loss + self.args.sft_loss_coef * off_policy_weight * sft_nll / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         self._log_loss_metrics(mode, mask, off_rows, per_token_logps, entropies, losses,
-                               per_token_kl if self.beta != 0.0 else None)
+                               per_token_kl if self.beta != 0.0 else None, sft_nll is not None)
         return loss
 
-    def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl) -> None:
+    def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl,
+                          sft=False) -> None:
         metrics = self._metrics[mode]
         on_mask = mask * (~off_rows)
         off_mask = mask * off_rows
@@ -451,4 +636,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_high)).item())
         if self.num_off_policy > 0 and mode == "train":
             metrics["off_policy/prob_mean"].append(global_mean(per_token_logps.detach().exp(), off_mask))
-            metrics["off_policy/shaping_weight_mean"].append(global_mean(losses.shaping_weight, off_mask))
+            if sft:
+                metrics["off_policy/sft_nll"].append(global_mean(-per_token_logps.detach(), off_mask))
+            else:
+                metrics["off_policy/shaping_weight_mean"].append(global_mean(losses.shaping_weight, off_mask))
