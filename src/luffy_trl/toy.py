@@ -42,19 +42,20 @@ def toy_tokenizer(chat_template: str = CHATML_TEMPLATE, vocab_size: int = 400):
     return tokenizer
 
 
-def toy_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
-    """A randomly initialised Qwen2 causal LM sized for CPU tests."""
+def toy_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, *, mlp_ratio: int = 2,
+              num_key_value_heads: int = 2, max_position_embeddings: int = 512):
+    """A randomly initialised Qwen2 causal LM (4 attention heads, tied embeddings) sized for CPU tests and demos."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=mlp_ratio * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

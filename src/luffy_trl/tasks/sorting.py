@@ -20,13 +20,9 @@ import random
 import torch
 from transformers import TrainerCallback
 
+from luffy_trl.toy import CHATML_TEMPLATE, toy_model
+
 ALPHABET = "abcdefghij"
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 \n:"
 
@@ -44,26 +40,14 @@ def char_tokenizer():
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left",
         additional_special_tokens=["<|im_start|>"],
     )
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
 
 def demo_model(tokenizer, hidden_size: int = 128, num_layers: int = 2, seed: int = 0):
     """A randomly initialised 2-layer Qwen2 model over the character vocabulary."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = None
-    return model
+    return toy_model(tokenizer, seed, hidden_size, num_layers, mlp_ratio=4, num_key_value_heads=4,
+                     max_position_embeddings=256)
 
 
 def teacher_trace(letters: str) -> str:
