@@ -32,6 +32,7 @@ from luffy_trl.guidance import (
     align_teacher_logprobs,
     group_gets_teacher,
     keyed_rng,
+    on_policy_group_accuracy,
     participating_teacher_rows,
     schedule_value,
     trace_order,
@@ -119,7 +120,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         # per local row: (prompt, teacher text or None, teacher log-probs or None), consumed by _generate_single_turn
         self._teacher_plan = None
         self._teacher_stats = None
-        self._last_rewards_per_func = None
+        self._batch_rewards = None  # (total reward, is_off_policy), gathered; set by _calculate_rewards
         self._teacher_logprobs_plan = None
         self._teacher_logps_rows = None  # local row -> aligned teacher log-probs (off_policy_logprobs_column)
         self._guidance = None  # the trigger's decisions for the current generation batch (global tensors)
@@ -385,13 +386,20 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._last_rewards_per_func = rewards_per_func  # gathered over processes; read by the metrics below
-        self._guidance = None
-        if self.model.training and self.num_off_policy > 0:
-            rewards_per_func = self._decide_guidance(inputs, rewards_per_func)
+        self._guidance = self._batch_rewards = None
+        if self.model.training:
+            # Gathered over processes: the weighted total reward per completion (NaN if unscorable) and the teacher
+            # flags, in TRL's global order; read by the trigger below and by the batch metrics.
+            device = rewards_per_func.device
+            total = (rewards_per_func * self.reward_weights.to(device)).nansum(dim=1)
+            total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+            local_off = torch.tensor([bool(row.get(IS_OFF_POLICY, False)) for row in inputs], device=device)
+            self._batch_rewards = (total, gather(local_off))
+            if self.num_off_policy > 0:
+                rewards_per_func = self._decide_guidance(rewards_per_func)
         return rewards_per_func
 
-    def _decide_guidance(self, inputs, rewards_per_func: torch.Tensor) -> torch.Tensor:
+    def _decide_guidance(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         """Apply `off_policy_trigger` to the gathered rewards; NaN the rewards of teacher rows kept out of the baseline.
 
         Teacher rows whose group's trigger did not fire, and with `off_policy_loss="sft"` every teacher row, get NaN
@@ -399,12 +407,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         0). The rewards are gathered, so every process computes the same decisions.
         """
         args = self.args
-        device = rewards_per_func.device
-        local_off = torch.tensor([bool(row.get(IS_OFF_POLICY, False)) for row in inputs], device=device)
-        is_off = gather(local_off)
-        weights = self.reward_weights.to(device)
-        total = (rewards_per_func * weights).nansum(dim=1)
-        total[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        total, is_off = self._batch_rewards
         fired = trigger_fired(
             total, is_off, self.num_generations, args.off_policy_trigger,
             success_threshold=args.success_reward_threshold, accuracy_threshold=args.off_policy_trigger_threshold,
@@ -437,12 +440,8 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
 
     def _log_mixed_batch_metrics(self, output) -> None:
         metrics = self._metrics["train"]
-        is_off = gather(output[IS_OFF_POLICY])
+        total, is_off = self._batch_rewards
         lengths = gather(output["completion_mask"].sum(1).float())
-        rewards = self._last_rewards_per_func
-        weights = self.reward_weights.to(rewards.device)
-        total = (rewards * weights).nansum(dim=1)
-        total[torch.isnan(rewards).all(dim=1)] = torch.nan
         on = ~is_off
 
         def mean(x):
@@ -455,11 +454,9 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             metrics["off_policy/completion_length_mean"].append(mean(lengths[is_off]))
             metrics["off_policy/fraction_of_rows"].append(is_off.float().mean().item())
 
-        solved = (total >= self.args.success_reward_threshold) & on
-        solved_per_group = solved.view(-1, self.num_generations).sum(1)
-        on_per_group = on.view(-1, self.num_generations).sum(1)
-        metrics["groups/all_on_policy_failed"].append((solved_per_group == 0).float().mean().item())
-        metrics["groups/all_on_policy_solved"].append((solved_per_group == on_per_group).float().mean().item())
+        accuracy = on_policy_group_accuracy(total, is_off, self.num_generations, self.args.success_reward_threshold)
+        metrics["groups/all_on_policy_failed"].append((accuracy == 0).float().mean().item())
+        metrics["groups/all_on_policy_solved"].append((accuracy == 1).float().mean().item())
 
         if self._teacher_stats is not None:
             keys = TEACHER_COUNTERS
