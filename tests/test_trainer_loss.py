@@ -160,3 +160,66 @@ def test_teacher_rows_are_exempt_from_vllm_is_ratio_opsm_and_entropy_mask(tokeni
     for name in teacher_grads:
         torch.testing.assert_close(masked_grads[name], teacher_grads[name], rtol=1e-4, atol=1e-8)
     assert any(not torch.allclose(base_grads[n], masked_grads[n]) for n in base_grads)  # on-policy part removed
+
+
+class _LargestVocabTensor:
+    """Records the largest tensor created whose last dimension is the vocabulary (i.e. logits-shaped)."""
+
+    def __init__(self, vocab, ignore_numel=None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if (isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab
+                            and t.numel() != ignore_numel):
+                        recorder.largest = max(recorder.largest, t.numel())
+                return out
+
+        self.largest, self.mode = 0, Mode()
+
+
+def test_teacher_rows_reuse_trls_fused_forward_without_full_logits(tokenizer, tmp_path, monkeypatch):
+    """Teacher rows add no forward pass and no full-vocabulary logits: `_compute_loss` makes the same fused
+    (chunked log-prob) forward calls as stock TRL on the same batch, and no vocabulary-wide tensor is larger than
+    one of TRL's token chunks (set to 16 tokens here, so that a [rows, tokens, vocab] tensor would show)."""
+    import trl.kernels.chunked_logprob as chunked_logprob
+    from trl.kernels import ChunkedLogProbFunction as _ChunkedLogProbFunction
+
+    monkeypatch.setattr(chunked_logprob, "TOKEN_CHUNK_SIZE", 16)
+
+    trainer = make_trainer(tokenizer, tmp_path)
+    model, vocab = trainer.model, len(tokenizer)
+    inputs = make_inputs(vocab)
+    stock_inputs = {k: v for k, v in inputs.items() if k != "is_off_policy"}
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("fused_lm_head")), with_kwargs=True)
+    chunked = []
+    original_forward = _ChunkedLogProbFunction.forward
+
+    def counting_forward(ctx, *args):
+        chunked.append(args[0].shape[0])  # tokens scored in this call
+        return original_forward(ctx, *args)
+
+    monkeypatch.setattr(_ChunkedLogProbFunction, "forward", staticmethod(counting_forward))
+    full_logits = B * C * vocab
+    results = {}
+    for name, fn in (("stock", lambda: GRPOTrainer._compute_loss(trainer, model, stock_inputs)),
+                     ("luffy", lambda: trainer._compute_loss(model, inputs))):
+        calls.clear(), chunked.clear()
+        detector = _LargestVocabTensor(vocab, ignore_numel=model.lm_head.weight.numel())  # its transpose, gradient
+        with detector.mode:
+            fn().backward()
+        results[name] = (list(calls), list(chunked))
+        assert detector.largest <= 16 * vocab < full_logits, name
+    hook.remove()
+    assert results["luffy"] == results["stock"]
+    assert results["luffy"][0] == [True]  # one forward, through TRL's fused LM head
+
+    detector = _LargestVocabTensor(vocab)  # the detector does see a plain forward's logits
+    with detector.mode:
+        independent_logps(model, inputs)
+    assert detector.largest >= full_logits

@@ -163,19 +163,24 @@ def test_missing_teacher_keeps_a_full_sampled_group_and_is_counted(tokenizer, tm
     assert total_teacher + missing == total_rows // 4
 
 
-def test_on_policy_generation_only(tokenizer, tmp_path, monkeypatch):
-    """Only the on-policy slots reach the generation backend: 7/8 of stock at G = 8 (7 + 1)."""
-    generated = []
+@pytest.mark.parametrize("continuous_batching", [False, True], ids=["generate", "continuous_batching"])
+def test_on_policy_generation_only(tokenizer, tmp_path, monkeypatch, continuous_batching):
+    """Only the on-policy slots reach the generation backend: 7/8 of stock at G = 8 (7 + 1), with transformers'
+    `generate` and with its continuous batching (`use_transformers_continuous_batching`)."""
+    generated, tokens = [], []
     original = GRPOTrainer._generate_single_turn
 
     def counting(self, prompt_ids, *args, **kwargs):
+        ids, logprobs = original(self, prompt_ids, *args, **kwargs)
         generated.append(len(prompt_ids))
-        return original(self, prompt_ids, *args, **kwargs)
+        tokens.append(sum(len(c) for c in ids))
+        return ids, logprobs
 
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", counting)
     trainer = train(tokenizer, tmp_path, contains_answer_reward, num_generations=8, per_device_train_batch_size=16,
-                    max_steps=2)
+                    max_steps=2, use_transformers_continuous_batching=continuous_batching)
     assert generated == [14, 14]
+    assert all(0 < t <= 14 * 12 for t in tokens)  # the backend returned one completion per on-policy row
     assert all(h["off_policy/discarded_generations"] == 0 for h in trainer.state.log_history if "loss" in h)
 
 

@@ -611,29 +611,38 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
 
     def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl,
                           sft=False) -> None:
+        """Token means over all processes, gathered in one all-reduce and one device-to-host copy.
+
+        Stock TRL reduces and `.item()`s each metric on its own (a collective and a device sync per metric); with
+        the teacher metrics added that would be eight of each per micro-batch.
+        """
         metrics = self._metrics[mode]
         on_mask = mask * (~off_rows)
         off_mask = mask * off_rows
-
-        def global_mean(x, m):
-            totals = self.accelerator.reduce(torch.stack([(x * m).sum(), m.sum().float()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        if per_token_kl is not None:
-            metrics["kl"].append(global_mean(per_token_kl, mask))
-        metrics["entropy"].append(global_mean(entropies, mask))
-        # Clip statistics over on-policy tokens (teacher tokens are never clipped).
         low, high = losses.is_low_clipped.float(), losses.is_high_clipped.float()
-        metrics["clip_ratio/low_mean"].append(global_mean(low, on_mask))
-        metrics["clip_ratio/high_mean"].append(global_mean(high, on_mask))
-        metrics["clip_ratio/region_mean"].append(global_mean(torch.maximum(low, high), on_mask))
-        seq_low = (low * on_mask).sum(1) / on_mask.sum(1)  # NaN for teacher rows, ignored by nanmin/nanmax
-        seq_high = (high * on_mask).sum(1) / on_mask.sum(1)
-        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(seq_low)).item())
-        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(seq_high)).item())
+        terms = {}  # metric -> (per-token values, mask); teacher tokens are never clipped
+        if per_token_kl is not None:
+            terms["kl"] = (per_token_kl, mask)
+        terms["entropy"] = (entropies, mask)
+        terms["clip_ratio/low_mean"] = (low, on_mask)
+        terms["clip_ratio/high_mean"] = (high, on_mask)
+        terms["clip_ratio/region_mean"] = (torch.maximum(low, high), on_mask)
         if self.num_off_policy > 0 and mode == "train":
-            metrics["off_policy/prob_mean"].append(global_mean(per_token_logps.detach().exp(), off_mask))
+            terms["off_policy/prob_mean"] = (per_token_logps.detach().exp(), off_mask)
             if sft:
-                metrics["off_policy/sft_nll"].append(global_mean(-per_token_logps.detach(), off_mask))
+                terms["off_policy/sft_nll"] = (-per_token_logps.detach(), off_mask)
             else:
-                metrics["off_policy/shaping_weight_mean"].append(global_mean(losses.shaping_weight, off_mask))
+                terms["off_policy/shaping_weight_mean"] = (losses.shaping_weight, off_mask)
+        sums = torch.stack([(x * m).sum().float() for x, m in terms.values()]
+                           + [m.sum().float() for _, m in terms.values()])
+        sums = self.accelerator.reduce(sums.detach(), reduction="sum")
+        n = len(terms)
+        means = (sums[:n] / sums[n:].clamp(min=1.0)).tolist()
+        # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
+        seq = torch.stack([(low * on_mask).sum(1), (high * on_mask).sum(1)]) / on_mask.sum(1)
+        seq = self.accelerator.gather(seq.T.contiguous())  # gather concatenates along rows
+        extremes = torch.stack([nanmin(seq[:, 0]), nanmax(seq[:, 1])]).tolist()
+        for name, value in zip(terms, means):
+            metrics[name].append(value)
+        metrics["clip_ratio/low_min"].append(extremes[0])
+        metrics["clip_ratio/high_max"].append(extremes[1])
