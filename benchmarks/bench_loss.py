@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 from common import PRESETS, Timer, bench_model, device, peak_memory, ratio_summary
 
@@ -97,9 +96,10 @@ def main(argv=None):
             measured[arm]["time"] = timers[arm].median()
         for key in ratios:
             ratios[key].append(measured["luffy"][key] / measured["stock"][key])
-        print(f"rep {rep}: stock {measured['stock']['time'] * 1e3:.2f} ms / {measured['stock']['peak_memory'] / 2**20:.1f}"
-              f" MiB, luffy {measured['luffy']['time'] * 1e3:.2f} ms / {measured['luffy']['peak_memory'] / 2**20:.1f}"
-              f" MiB, ratio time {ratios['time'][-1]:.3f} memory {ratios['peak_memory'][-1]:.4f}")
+        st, lf = measured["stock"], measured["luffy"]
+        print(f"rep {rep}: stock {st['time'] * 1e3:.2f} ms / {st['peak_memory'] / 2**20:.1f} MiB, "
+              f"luffy {lf['time'] * 1e3:.2f} ms / {lf['peak_memory'] / 2**20:.1f} MiB, "
+              f"ratio time {ratios['time'][-1]:.3f} memory {ratios['peak_memory'][-1]:.4f}")
     summary = {"device": name, "batch": b, "completion": c, "vocab": model.config.vocab_size,
                "time_ratio": ratio_summary(ratios["time"]), "peak_memory_ratio": ratio_summary(ratios["peak_memory"])}
     print(json.dumps(summary, indent=2))

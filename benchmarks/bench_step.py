@@ -55,13 +55,18 @@ def build_trainer(arm: str, args, tokenizer, dataset, steps: int):
         lr_scheduler_type="constant", use_transformers_continuous_batching=args.continuous_batching,
     )
     model = bench_model(tokenizer, seed=0, **{k: getattr(args, k) for k in PRESETS["cpu"]}).to(device())
+    extra = {}
+    if args.lora:
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear")
     if arm == "stock":
         trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=GRPOConfig(**common),
-                              train_dataset=dataset, processing_class=tokenizer)
+                              train_dataset=dataset, processing_class=tokenizer, **extra)
     else:
         trainer = MixedPolicyGRPOTrainer(
             model=model, reward_funcs=boxed_answer_reward, train_dataset=dataset, processing_class=tokenizer,
-            args=MixedPolicyGRPOConfig(num_off_policy=args.num_off_policy, **common),
+            args=MixedPolicyGRPOConfig(num_off_policy=args.num_off_policy, **common), **extra,
         )
     trainer.remove_callback(PrinterCallback)  # keep stdout for the summary
     return trainer
@@ -86,6 +91,9 @@ PHASES = ("generation", "rewards", "scoring_other", "forward_loss", "backward", 
 
 
 def run_arm(arm: str, args, tokenizer, dataset, measure_memory: bool = True) -> dict:
+    gc.collect()  # free the previous run's trainer (its timing wrappers hold it in reference cycles)
+    if device().type == "cuda":
+        torch.cuda.empty_cache()
     trainer = build_trainer(arm, args, tokenizer, dataset, args.steps)
     timers = {name: Timer() for name in ("full_step", "step", "prepare", "generation", "rewards", "loss")}
     rows, tokens, trained_tokens = [], [], []
@@ -142,10 +150,6 @@ def run_arm(arm: str, args, tokenizer, dataset, measure_memory: bool = True) -> 
     }
     result["generated_tokens_per_s"] = result["tokens_generated_per_step"] / result["generation_time"]
     result["trained_tokens_per_s"] = result["tokens_trained_per_step"] / result["step_time"]
-    del trainer, training_step, compute_loss, prepare, rewards
-    gc.collect()  # the timing wrappers hold the trainer in reference cycles
-    if device().type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -176,6 +180,8 @@ def parse_args(argv=None):
     parser.add_argument("--continuous_batching", action="store_true",
                         help="generate with transformers' continuous batching (TRL's "
                              "use_transformers_continuous_batching) instead of generate()")
+    parser.add_argument("--lora", type=int, default=0, help="train LoRA adapters of this rank (PEFT, all linear "
+                        "layers) instead of the full model")
     parser.add_argument("--cpu_memory", action=argparse.BooleanOptionalAction, default=True,
                         help="on CPU, also measure each arm's peak tensor memory in an untimed 2-step run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -218,9 +224,9 @@ def main(argv=None):
     summary = {"device": name, "preset": args.preset, "reps": args.reps}
     for arm in ("stock", "luffy"):
         summary[arm] = {key: statistics.median(r[arm][key] for r in results)
-                        for key in ("step_time", "full_step_time", "generation_time", "loss_time", "rows_generated_per_step",
-                                    "tokens_generated_per_step", "tokens_trained_per_step", "generated_tokens_per_s",
-                                    "trained_tokens_per_s")}
+                        for key in ("step_time", "full_step_time", "generation_time", "loss_time",
+                                    "rows_generated_per_step", "tokens_generated_per_step", "tokens_trained_per_step",
+                                    "generated_tokens_per_s", "trained_tokens_per_s")}
         summary[arm]["peak_memory_bytes"] = results[0][arm]["peak_memory_bytes"]
         summary[arm]["phases"] = {p: statistics.median(r[arm]["phases"][p] for r in results) for p in PHASES}
     for m in MEASURES:

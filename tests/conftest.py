@@ -9,6 +9,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import importlib.util  # noqa: E402
 import pathlib  # noqa: E402
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -22,6 +23,77 @@ assert THINK_TEMPLATE != CHATML_TEMPLATE
 
 build_tokenizer = toy_tokenizer
 contains_answer_reward = boxed_answer_reward
+
+
+requires_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+
+
+def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json") -> list[dict] | None:
+    """Run `script out_dir` under torchrun with two CPU processes (gloo) on a free port; return the JSON each rank
+    wrote to `out_dir / rank_files.format(rank)` (None when `rank_files` is None)."""
+    import json
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), str(script), str(out_dir)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if rank_files is None:
+        return None
+    return [json.loads((pathlib.Path(out_dir) / rank_files.format(r)).read_text()) for r in range(2)]
+
+
+def prompt_marker(prompt_ids) -> int:
+    """A token id that identifies a prompt (distinct for the toy dataset's prompts)."""
+    return 3 + sum(int(t) for t in prompt_ids) % 97
+
+
+class FakeVLLMServer:
+    """Stands in for TRL's `VLLMClient`: completion j of a prompt is [marker of the prompt, 3 + j, 3 + j], so that
+    each completion can be traced back to its prompt and sample index."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, features=None, n=1, **sampling):
+        self.calls.append((len(prompts), n))
+        completions = [[prompt_marker(p), 3 + j, 3 + j] for p in prompts for j in range(n)]
+        return {"prompt_ids": prompts, "completion_ids": completions,
+                "logprobs": [[[-0.5]] * len(c) for c in completions]}
+
+
+def attach_fake_vllm_server(trainer) -> FakeVLLMServer:
+    """Route the trainer's generation through TRL's own vLLM server-mode code (gather, dedupe by position, broadcast,
+    slice per process) with a fake server. Breaks loudly if TRL's `VLLMGeneration` changes what it reads."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    generation = object.__new__(VLLMGeneration)
+    generation.__dict__.update(
+        mode="server", accelerator=trainer.accelerator, temperature=1.0, top_p=1.0, top_k=0, min_p=None,
+        repetition_penalty=1.0, max_completion_length=trainer.max_completion_length, logprobs=0,
+        structured_outputs_regex=None, generation_kwargs={}, enable_sleep_mode=False, vllm_client=FakeVLLMServer(),
+    )
+    trainer.vllm_generation, trainer.use_vllm = generation, True
+    trainer.args.vllm_mode = "server"
+    trainer._last_loaded_step = trainer.state.global_step  # no weight sync to the (absent) server
+    trainer.model.train()
+    return generation.vllm_client
+
+
+def assert_server_completions_match_prompts(out) -> None:
+    """Every on-policy row of a fake-server batch holds a completion of its own prompt."""
+    markers = set()
+    for ids, mask, completion, off in zip(out["prompt_ids"], out["prompt_mask"], out["completion_ids"],
+                                          out["is_off_policy"]):
+        marker = prompt_marker(ids[mask.bool()].tolist())
+        markers.add(marker)
+        if not off:
+            assert completion[0].item() == marker
+    assert len(markers) > 1  # the check tells the batch's prompts apart
 
 
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2):

@@ -1,25 +1,17 @@
 """Groups that straddle two processes (gloo on CPU): exactly num_off_policy teacher rows per group."""
 
-import json
-import os
 import pathlib
-import shutil
-import subprocess
-import sys
 
 import pytest
+from conftest import requires_torchrun, run_two_processes
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_groups.py"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+@requires_torchrun
 def test_groups_straddling_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29513", str(SCRIPT), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_processes(SCRIPT, tmp_path)
     assert all(r["world_size"] == 2 for r in ranks)
     steps = list(zip(ranks[0]["records"], ranks[1]["records"]))
     assert len(steps) >= 1
@@ -49,3 +41,25 @@ def test_groups_straddling_two_processes(tmp_path):
             assert [f for f, _ in got] == [f for f, _ in want]
             assert [a for _, a in got] == pytest.approx([a for _, a in want])
     assert ranks[0]["log"][0]["off_policy/fraction_of_rows"] == 0.25
+
+
+@pytest.mark.slow
+@requires_torchrun
+def test_vllm_server_mode_on_two_processes(tmp_path):
+    """TRL's server-mode generation (gathered prompts, dedupe by position, equal slices) with a fake server: whole
+    groups on each process ask for G − k = 3 completions of each of the 4 prompts and every on-policy row gets a
+    completion of its own prompt; groups straddling the processes generate every slot and discard the teacher
+    slots' 3 samples."""
+    script = pathlib.Path(__file__).parent / "scripts" / "two_process_vllm_server.py"
+    ranks = run_two_processes(script, tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["server_calls"] == [[4, 3], [3, 4]]  # (unique prompts, completions per prompt)
+    assert ranks[1]["server_calls"] == []
+    for r in ranks:
+        assert r["whole"]["is_off_policy"] == [False, False, False, True] * 2
+        samples = [j for j, off in zip(r["whole"]["sample_index"], r["whole"]["is_off_policy"]) if not off]
+        assert samples == [0, 1, 2] * 2
+        assert r["whole"]["discarded"] == 0
+        assert r["straddle"]["discarded"] == 3
+    flags = ranks[0]["straddle"]["is_off_policy"] + ranks[1]["straddle"]["is_off_policy"]
+    assert flags == [False, False, False, True] * 3

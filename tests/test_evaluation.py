@@ -1,10 +1,7 @@
 """Evaluation harness: loading and copies, scoring, cache and resume, backends, the script, the training callback."""
 
 import json
-import os
 import pathlib
-import shutil
-import subprocess
 import sys
 import types
 
@@ -16,6 +13,8 @@ from conftest import (
     build_model,
     math_dataset,
     requires_smollm,
+    requires_torchrun,
+    run_two_processes,
     smollm_folder,
     tiny_args,
 )
@@ -297,13 +296,9 @@ def test_callback_logs_metrics_during_training_and_changes_nothing_else(tokenize
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+@requires_torchrun
 def test_callback_on_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", str(TWO_PROCESS_SCRIPT), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_processes(TWO_PROCESS_SCRIPT, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["entries"] == ranks[1]["entries"]  # every process logs the same, complete metrics
     assert [h["step"] for h in ranks[0]["entries"]] == [1, 2]

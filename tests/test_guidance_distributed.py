@@ -1,12 +1,10 @@
 """Trigger and keyed random decisions across two processes (gloo on CPU), for groups that straddle them."""
 
 import json
-import os
 import pathlib
-import shutil
-import subprocess
 
 import pytest
+from conftest import requires_torchrun, run_two_processes
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_triggers.py"
 G = 4
@@ -21,15 +19,12 @@ def load(tmp_path, name):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("triggers")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517", str(SCRIPT), str(tmp_path)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(SCRIPT, tmp_path, rank_files=None)
     return tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+@requires_torchrun
 def test_all_fail_trigger_sees_samples_of_both_processes(runs):
     rank0, rank1 = load(runs, "trigger")
     batches = list(zip(rank0["records"], rank1["records"]))
@@ -61,7 +56,7 @@ def test_all_fail_trigger_sees_samples_of_both_processes(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
+@requires_torchrun
 def test_group_share_and_random_traces_agree_across_processes(runs):
     rank0, rank1 = load(runs, "share")
     with_teacher = without = 0

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from conftest import build_model, contains_answer_reward, math_dataset, tiny_args
+from conftest import (
+    assert_server_completions_match_prompts,
+    attach_fake_vllm_server,
+    build_model,
+    contains_answer_reward,
+    math_dataset,
+    tiny_args,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from luffy_trl import MixedPolicyGRPOTrainer
@@ -267,3 +274,40 @@ def test_completions_table_marks_teacher_rows(tokenizer, tmp_path):
     rewards = list(trainer._logs["rewards"]["boxed_answer_reward"])
     assert len(flags) == len(rewards) == 8 and sum(flags) == 2
     assert all(r == 1.0 for f, r in zip(flags, rewards) if f)
+
+
+def _server_mode_trainer(tokenizer, tmp_path, dataset):
+    trainer = MixedPolicyGRPOTrainer(
+        model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=dataset,
+        processing_class=tokenizer, args=tiny_args(tmp_path, max_completion_length=12, max_steps=1),
+    )
+    return trainer, attach_fake_vllm_server(trainer)
+
+
+def test_vllm_server_mode_generates_only_on_policy_rows(tokenizer, tmp_path):
+    """vLLM server mode (TRL's own gather/dedupe/slice code, fake server): G − k completions per prompt are asked
+    for (2 prompts × 3 at G = 4, k = 1), each lands on a row of its own prompt, and no sample is discarded."""
+    dataset = math_dataset()
+    trainer, server = _server_mode_trainer(tokenizer, tmp_path, dataset)
+    rows = [dataset[i] for i in range(2) for _ in range(4)]
+    out = trainer._generate_and_score_completions(rows)
+    assert server.calls == [(2, 3)]
+    off = out["is_off_policy"].tolist()
+    assert off == [False, False, False, True] * 2
+    assert_server_completions_match_prompts(out)
+    assert [out["completion_ids"][i, 1].item() - 3 for i in range(8) if not off[i]] == [0, 1, 2] * 2  # sample j
+    assert trainer._metrics["train"]["off_policy/discarded_generations"] == [0]
+
+
+def test_vllm_server_mode_generates_every_slot_when_a_group_has_no_trace(tokenizer, tmp_path):
+    """A group without a teacher trace breaks the G − k runs the server's dedupe relies on: every slot is generated
+    and the other group's teacher-slot sample is discarded (counted), never misassigned."""
+    dataset = math_dataset()
+    dataset = dataset.map(lambda row, i: {"target": None if i == 1 else row["target"]}, with_indices=True)
+    trainer, server = _server_mode_trainer(tokenizer, tmp_path, dataset)
+    rows = [dataset[i] for i in range(2) for _ in range(4)]
+    out = trainer._generate_and_score_completions(rows)
+    assert server.calls == [(2, 4)]
+    assert out["is_off_policy"].tolist() == [False, False, False, True] + [False] * 4
+    assert_server_completions_match_prompts(out)
+    assert trainer._metrics["train"]["off_policy/discarded_generations"] == [1]

@@ -72,3 +72,18 @@ def test_attributes_and_output_keys_of_one_step(tokenizer, tmp_path):
     out = trainer._generate_and_score_completions(rows)
     assert OUTPUT_KEYS | {"is_off_policy"} <= set(out)
     assert out["is_off_policy"].shape == out["advantages"].shape == (8,)
+
+
+def test_vllm_server_generation_still_dedupes_by_position_and_slices_equally():
+    """Subset generation in vLLM server / tensor-parallel colocate mode (`_subset_generations_per_prompt`) relies on
+    TRL taking every `num_generations`-th gathered prompt, asking for `num_generations` completions of each, and
+    slicing `len(prompts)` rows per process."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    assert list(inspect.signature(VLLMGeneration.generate).parameters) == [
+        "self", "prompts", "images", "num_generations", "profiler"]
+    source = inspect.getsource(VLLMGeneration.generate)
+    for fragment in ["all_prompts[::num_generations]", '"n": num_generations',
+                     "accelerator.process_index * len(prompts)", "local_rank_in_group * orig_size"]:
+        assert fragment in source, fragment
+    assert "num_generations=num_generations" in inspect.getsource(GRPOTrainer._generate_single_turn)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, gather_object
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
@@ -344,12 +344,14 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                         stats["logprobs_used"] += 1
                         self._teacher_logps_rows[i] = aligned
 
-        if self._can_generate_subset(images, multimodal_fields):
+        per_prompt = self._subset_generations_per_prompt(images, multimodal_fields, teacher_ids, len(prompt_ids),
+                                                         num_generations)
+        if per_prompt is not None:
             # Generate only the on-policy rows. Every process generates at least one row, so that collective
             # operations inside generation (weight gathering, synced decoding) stay aligned across processes.
             rows = [i for i in range(len(prompt_ids)) if i not in teacher_ids] or [0]
             sub_ids, sub_logprobs = super()._generate_single_turn(
-                [prompt_ids[i] for i in rows], images, multimodal_fields, num_generations, has_tool_images
+                [prompt_ids[i] for i in rows], images, multimodal_fields, per_prompt, has_tool_images
             )
             completion_ids = [None] * len(prompt_ids)
             logprobs = None if sub_logprobs is None else [None] * len(prompt_ids)
@@ -371,18 +373,31 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                 logprobs[i] = [None] * len(ids)  # unknown sampling log-prob -> NaN -> vLLM IS ratio exactly 1
         return completion_ids, logprobs
 
-    def _can_generate_subset(self, images, multimodal_fields) -> bool:
-        """Whether the backend can generate a subset of this process's rows.
+    def _subset_generations_per_prompt(self, images, multimodal_fields, teacher_rows, num_rows: int,
+                                       num_generations: int) -> int | None:
+        """Completions per prompt to ask for when only the on-policy rows are generated; None: generate every row.
 
-        vLLM server mode deduplicates prompts by position (`[::num_generations]`) across all processes, and
-        tensor-parallel colocate slices results by equal per-rank counts, so both generate every slot and the
-        teacher slots' samples are discarded (LUFFY's own cost). Multimodal inputs are not sliced either.
+        - transformers `generate`, continuous batching and single-GPU vLLM colocate generate row by row: any subset
+          works (`num_generations` is not used by them).
+        - vLLM server mode gathers all processes' prompts, keeps every `num_generations`-th one, asks the server
+          for that many completions of each and hands each process an equal slice; tensor-parallel colocate
+          gathers its group's prompts and slices them equally too. Both stay aligned when every process holds
+          whole groups with exactly `num_off_policy` teacher rows each: then the on-policy rows come in runs of
+          G − k identical prompts, equally many per process, and G − k completions per prompt are asked for. All
+          processes must agree, so the check is gathered (one small collective per generation). Otherwise (a
+          group without a trace, a `group_share` schedule, groups split across processes) every slot is
+          generated and the teacher slots' samples are discarded (`off_policy/discarded_generations`).
+        - Multimodal inputs are not sliced: every slot is generated.
         """
         if images is not None or multimodal_fields:
-            return False
-        if self.use_vllm:
-            return self.args.vllm_mode == "colocate" and self.args.vllm_tensor_parallel_size == 1
-        return True
+            return None
+        if not self.use_vllm or (self.args.vllm_mode == "colocate" and self.args.vllm_tensor_parallel_size == 1):
+            return num_generations
+        g, k = self.num_generations, self.num_off_policy
+        uniform = num_rows % g == 0 and all(
+            sum(i in teacher_rows for i in range(start, start + g)) == k for start in range(0, num_rows, g)
+        )
+        return g - k if all(gather_object([uniform])) else None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
