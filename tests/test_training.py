@@ -1,5 +1,7 @@
 """Real (tiny) training runs: group composition, invariance to stock GRPO, parameter updates, LoRA, fallbacks."""
 
+import logging
+
 import pytest
 import torch
 from conftest import (
@@ -299,14 +301,16 @@ def test_vllm_server_mode_generates_only_on_policy_rows(tokenizer, tmp_path):
     assert trainer._metrics["train"]["off_policy/discarded_generations"] == [0]
 
 
-def test_vllm_server_mode_generates_every_slot_when_a_group_has_no_trace(tokenizer, tmp_path):
+def test_vllm_server_mode_generates_every_slot_when_a_group_has_no_trace(tokenizer, tmp_path, caplog):
     """A group without a teacher trace breaks the G − k runs the server's dedupe relies on: every slot is generated
     and the other group's teacher-slot sample is discarded (counted), never misassigned."""
     dataset = math_dataset()
     dataset = dataset.map(lambda row, i: {"target": None if i == 1 else row["target"]}, with_indices=True)
     trainer, server = _server_mode_trainer(tokenizer, tmp_path, dataset)
     rows = [dataset[i] for i in range(2) for _ in range(4)]
-    out = trainer._generate_and_score_completions(rows)
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        out = trainer._generate_and_score_completions(rows)
+    assert "vLLM server mode generates every slot" in caplog.text and "a group has no teacher trace" in caplog.text
     assert server.calls == [(2, 4)]
     assert out["is_off_policy"].tolist() == [False, False, False, True] + [False] * 4
     assert_server_completions_match_prompts(out)

@@ -117,6 +117,7 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
             chat_template_kwargs=self.chat_template_kwargs,
         )
         self._invalid_teacher_warnings = 0
+        self._warned_full_generation = False
         # per local row: (prompt, teacher text or None, teacher log-probs or None), consumed by _generate_single_turn
         self._teacher_plan = None
         self._teacher_stats = None
@@ -397,7 +398,20 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         uniform = num_rows % g == 0 and all(
             sum(i in teacher_rows for i in range(start, start + g)) == k for start in range(0, num_rows, g)
         )
-        return g - k if all(gather_object([uniform])) else None
+        if all(gather_object([uniform])):
+            return g - k
+        if not self._warned_full_generation:
+            self._warned_full_generation = True
+            cause = (f"this process holds {num_rows} rows, not whole groups of num_generations={g} (make the "
+                     "per-device batch times steps_per_generation a multiple of it)" if num_rows % g else
+                     "a group has no teacher trace, a group_share schedule is on, or another process holds partial "
+                     "groups")
+            logger.warning(
+                "vLLM %s generates every slot of this batch and discards the teacher slots' samples: %s. Counted in "
+                "off_policy/discarded_generations; warned once.",
+                "server mode" if self.args.vllm_mode == "server" else "tensor-parallel colocate", cause,
+            )
+        return None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
