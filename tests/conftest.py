@@ -47,6 +47,16 @@ def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json") -
     return [json.loads((pathlib.Path(out_dir) / rank_files.format(r)).read_text()) for r in range(2)]
 
 
+def shut_down_processes() -> None:
+    """End a torchrun script cleanly: wait for every process, then destroy the process group (left to interpreter
+    exit, the teardown can abort with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def prompt_marker(prompt_ids) -> int:
     """A token id that identifies a prompt (distinct for the toy dataset's prompts)."""
     return 3 + sum(int(t) for t in prompt_ids) % 97

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from conftest import build_model, build_tokenizer, math_dataset, tiny_args  # noqa: E402
+from conftest import build_model, build_tokenizer, math_dataset, shut_down_processes, tiny_args  # noqa: E402
 
 from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
 from luffy_trl.evaluation.callback import LuffyEvalCallback  # noqa: E402
@@ -32,3 +32,4 @@ trainer.train()
 entries = [h for h in trainer.state.log_history if any(k.startswith("eval_bench/") for k in h)]
 with open(os.path.join(sys.argv[1], f"rank{trainer.accelerator.process_index}.json"), "w") as out:
     json.dump({"world_size": trainer.accelerator.num_processes, "entries": entries}, out)
+shut_down_processes()

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from conftest import build_model, build_tokenizer, math_dataset, tiny_args  # noqa: E402
+from conftest import build_model, build_tokenizer, math_dataset, shut_down_processes, tiny_args  # noqa: E402
 
 from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
 
@@ -53,3 +53,4 @@ rank = trainer.accelerator.process_index
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump({"world_size": trainer.accelerator.num_processes, "records": records,
                "log": trainer.state.log_history}, f)
+shut_down_processes()

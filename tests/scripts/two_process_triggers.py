@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch.distributed as dist  # noqa: E402
-from conftest import build_model, build_tokenizer, math_dataset, tiny_args  # noqa: E402
+from conftest import build_model, build_tokenizer, math_dataset, shut_down_processes, tiny_args  # noqa: E402
 
 from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
 
@@ -81,3 +81,4 @@ traces = [[f"<think>\nway {j}: {i} + {i + 1}\n</think>\nThe answer is \\boxed{{{
 dataset = dataset.remove_columns("target").add_column("target", traces)
 run("share", dataset, num_off_policy=3, off_policy_trace_selection="random", off_policy_schedule_target="group_share",
     off_policy_schedule_start=0.5, max_steps=4)
+shut_down_processes()

@@ -21,6 +21,7 @@ from conftest import (  # noqa: E402
     build_tokenizer,
     contains_answer_reward,
     math_dataset,
+    shut_down_processes,
     tiny_args,
 )
 
@@ -52,3 +53,4 @@ for name, rows in (("whole", whole), ("straddle", straddle)):
 result["server_calls"] = server.calls  # only rank 0 talks to the server
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
+shut_down_processes()
