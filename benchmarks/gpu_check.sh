@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of benchmarks/README.md, as one script (about 5 minutes on one H100/H200):
+# The GPU check of benchmarks/README.md, as one script (about 6 minutes on one H200):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # Step benchmark on the GPU preset (Qwen2-0.5B-sized random model, bf16; step time, tokens/s, peak memory), then
 # `_compute_loss` + backward at equal batch with 1,024-token teacher rows (time, peak memory), then one repetition
