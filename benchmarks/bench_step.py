@@ -26,6 +26,7 @@ order of magnitude.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -90,7 +91,7 @@ class _StepTimer(TrainerCallback):
 PHASES = ("generation", "rewards", "scoring_other", "forward_loss", "backward", "optimizer")
 
 
-def run_arm(arm: str, args, tokenizer, dataset, measure_memory: bool = True) -> dict:
+def run_arm(arm: str, args, tokenizer, dataset) -> dict:
     gc.collect()  # free the previous run's trainer (its timing wrappers hold it in reference cycles)
     if device().type == "cuda":
         torch.cuda.empty_cache()
@@ -124,9 +125,8 @@ def run_arm(arm: str, args, tokenizer, dataset, measure_memory: bool = True) -> 
     trainer._calculate_rewards = timed(timers["rewards"], rewards)
     trainer.add_callback(_StepTimer(timers["full_step"]))
     GRPOTrainer._generate_single_turn = timed_generation
-    measure_memory = measure_memory and device().type == "cuda"
-    try:
-        with peak_memory() if measure_memory else _no_memory() as memory:
+    try:  # peak memory over the run on CUDA; on CPU it is measured by `cpu_peak_memory`, untimed
+        with peak_memory() if device().type == "cuda" else contextlib.nullcontext({"bytes": None}) as memory:
             start = time.perf_counter()
             trainer.train()
             sync()
@@ -140,7 +140,7 @@ def run_arm(arm: str, args, tokenizer, dataset, measure_memory: bool = True) -> 
         "rows_generated_per_step": statistics.mean(rows),
         "tokens_generated_per_step": statistics.mean(tokens[1:] or tokens),
         "tokens_trained_per_step": statistics.mean(trained_tokens[1:] or trained_tokens),
-        "peak_memory_bytes": memory["bytes"] if measure_memory else None,
+        "peak_memory_bytes": memory["bytes"],
         "phases": {  # where one optimiser step's time goes (medians; they add up to about the full step)
             "generation": median["generation"], "rewards": median["rewards"],
             "scoring_other": median["prepare"] - median["generation"] - median["rewards"],
@@ -151,14 +151,6 @@ def run_arm(arm: str, args, tokenizer, dataset, measure_memory: bool = True) -> 
     result["generated_tokens_per_s"] = result["tokens_generated_per_step"] / result["generation_time"]
     result["trained_tokens_per_s"] = result["tokens_trained_per_step"] / result["step_time"]
     return result
-
-
-class _no_memory:
-    def __enter__(self):
-        return {"bytes": None}
-
-    def __exit__(self, *exc):
-        return False
 
 
 def cpu_peak_memory(arm: str, args, tokenizer, dataset) -> int:

@@ -47,6 +47,28 @@ def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json") -
     return [json.loads((pathlib.Path(out_dir) / rank_files.format(r)).read_text()) for r in range(2)]
 
 
+def train_recording_batches(trainer, records: list[dict], path_template: str) -> None:
+    """Train; after each generation batch add this process's advantages, completion lengths and teacher flags to the
+    last entry of `records` (the reward function opens one entry per batch), then write `{world_size, records,
+    log}` to `path_template.format(rank)`. For the two-process scripts."""
+    import json
+
+    original = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        output = original(inputs)
+        records[-1]["advantages"] = output["advantages"].tolist()
+        records[-1]["lengths"] = output["completion_mask"].sum(1).tolist()
+        records[-1]["is_off_policy"] = output["is_off_policy"].tolist()
+        return output
+
+    trainer._generate_and_score_completions = capture
+    trainer.train()
+    with open(path_template.format(trainer.accelerator.process_index), "w") as f:
+        json.dump({"world_size": trainer.accelerator.num_processes, "records": records,
+                   "log": trainer.state.log_history}, f)
+
+
 def shut_down_processes() -> None:
     """End a torchrun script cleanly: wait for every process, then destroy the process group (left to interpreter
     exit, the teardown can abort with "terminate called without an active exception")."""

@@ -38,7 +38,8 @@ def test_delta_without_clip(tmp_path):
 
 
 def test_missing_column_is_named_with_the_columns_present(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match=r"off_policy_column='teacher'.*columns present: \['prompt', 'ground_truth', 'target'\]"):
+    expected = r"off_policy_column='teacher'.*columns present: \['prompt', 'ground_truth', 'target'\]"
+    with pytest.raises(ValueError, match=expected):
         make(tokenizer, tiny_args(tmp_path, off_policy_column="teacher"))
 
 

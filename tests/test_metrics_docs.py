@@ -14,8 +14,9 @@ TRAINER_KEYS = {"loss", "grad_norm", "learning_rate", "epoch", "step", "step_tim
 
 def test_every_logged_metric_is_documented(tokenizer, tmp_path):
     trainer = MixedPolicyGRPOTrainer(
-        model=build_model(tokenizer), reward_funcs=[contains_answer_reward, luffy_math_reward], train_dataset=math_dataset(),
-        processing_class=tokenizer, args=tiny_args(tmp_path, max_steps=1, on_policy_clip=True, max_completion_length=40),
+        model=build_model(tokenizer), reward_funcs=[contains_answer_reward, luffy_math_reward],
+        train_dataset=math_dataset(), processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_steps=1, on_policy_clip=True, max_completion_length=40),
     )
     trainer.train()
     logged = set(trainer.state.log_history[0]) - TRAINER_KEYS

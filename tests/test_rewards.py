@@ -31,7 +31,8 @@ requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"nee
 M, L, C = "math_reward", "luffy_math_reward", "multiple_choice_reward"
 REWARDS = {M: math_reward, L: luffy_math_reward, C: multiple_choice_reward}
 
-PROSE_GOLD = r"$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive integer with $\mho(a)=0$"
+PROSE_GOLD = (r"$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive integer with "
+              r"$\mho(a)=0$")
 
 # (reward, completion, gold, expected), labelled by hand.
 CASES = [

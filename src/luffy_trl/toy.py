@@ -43,17 +43,23 @@ def toy_tokenizer(chat_template: str = CHATML_TEMPLATE, vocab_size: int = 400):
 
 
 def toy_model(tokenizer, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, *, mlp_ratio: int = 2,
-              num_key_value_heads: int = 2, max_position_embeddings: int = 512):
-    """A randomly initialised Qwen2 causal LM (4 attention heads, tied embeddings) sized for CPU tests and demos."""
+              num_key_value_heads: int = 2, max_position_embeddings: int = 512, num_attention_heads: int = 4,
+              intermediate_size: int | None = None, vocab_size: int | None = None):
+    """A randomly initialised Qwen2 causal LM (tied embeddings) sized for CPU tests and demos.
+
+    The MLP is `mlp_ratio × hidden_size` wide unless `intermediate_size` is given. `vocab_size` defaults to the
+    tokenizer's and may exceed it: ids the tokenizer does not know decode to nothing, which keeps the output layer
+    as large as a real model's without a real tokenizer (the benchmarks' Qwen2-0.5B-sized preset).
+    """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=mlp_ratio * hidden_size,
+        intermediate_size=intermediate_size or mlp_ratio * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
+        num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,

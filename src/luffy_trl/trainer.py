@@ -659,12 +659,12 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
         if self.num_off_policy > 0 and mode == "train":
             terms["off_policy/prob_mean"] = (per_token_logps.detach().exp(), off_mask)
             if sft:
-                terms["off_policy/sft_nll"] = (-per_token_logps.detach(), off_mask)
+                terms["off_policy/sft_nll"] = (-per_token_logps, off_mask)
             else:
                 terms["off_policy/shaping_weight_mean"] = (losses.shaping_weight, off_mask)
-        sums = torch.stack([(x * m).sum().float() for x, m in terms.values()]
+        sums = torch.stack([(x.detach() * m).sum().float() for x, m in terms.values()]
                            + [m.sum().float() for _, m in terms.values()])
-        sums = self.accelerator.reduce(sums.detach(), reduction="sum")
+        sums = self.accelerator.reduce(sums, reduction="sum")
         n = len(terms)
         means = (sums[:n] / sums[n:].clamp(min=1.0)).tolist()
         # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).

@@ -4,7 +4,6 @@ Each process records, for every generation batch, the prompts and `is_off_policy
 and the advantages of its slice; the test then checks the groups in TRL's global order.
 """
 
-import json
 import os
 import sys
 
@@ -12,7 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from conftest import build_model, build_tokenizer, math_dataset, shut_down_processes, tiny_args  # noqa: E402
+from conftest import (  # noqa: E402
+    build_model,
+    build_tokenizer,
+    math_dataset,
+    shut_down_processes,
+    tiny_args,
+    train_recording_batches,
+)
 
 from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
 
@@ -37,20 +43,5 @@ trainer = MixedPolicyGRPOTrainer(
     train_dataset=math_dataset(),
     processing_class=tokenizer,
 )
-original = trainer._generate_and_score_completions
-
-
-def capture(inputs):
-    output = original(inputs)
-    records[-1]["advantages"] = output["advantages"].tolist()
-    records[-1]["is_off_policy"] = output["is_off_policy"].tolist()
-    return output
-
-
-trainer._generate_and_score_completions = capture
-trainer.train()
-rank = trainer.accelerator.process_index
-with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-    json.dump({"world_size": trainer.accelerator.num_processes, "records": records,
-               "log": trainer.state.log_history}, f)
+train_recording_batches(trainer, records, os.path.join(out_dir, "rank{}.json"))
 shut_down_processes()

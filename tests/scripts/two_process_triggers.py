@@ -12,7 +12,6 @@ rows = 3 groups of 4; the middle group is rows 4-5 of rank 0 and rows 0-1 of ran
 Each process records, per generation batch, what its reward function saw and its slice of the output.
 """
 
-import json
 import os
 import sys
 
@@ -21,7 +20,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch.distributed as dist  # noqa: E402
-from conftest import build_model, build_tokenizer, math_dataset, shut_down_processes, tiny_args  # noqa: E402
+from conftest import (  # noqa: E402
+    build_model,
+    build_tokenizer,
+    math_dataset,
+    shut_down_processes,
+    tiny_args,
+    train_recording_batches,
+)
 
 from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
 
@@ -56,21 +62,7 @@ def run(name, dataset, **overrides):
         train_dataset=dataset,
         processing_class=tokenizer,
     )
-    original = trainer._generate_and_score_completions
-
-    def capture(inputs):
-        output = original(inputs)
-        records[-1]["advantages"] = output["advantages"].tolist()
-        records[-1]["lengths"] = output["completion_mask"].sum(1).tolist()
-        records[-1]["is_off_policy"] = output["is_off_policy"].tolist()
-        return output
-
-    trainer._generate_and_score_completions = capture
-    trainer.train()
-    rank = trainer.accelerator.process_index
-    with open(os.path.join(out_dir, f"{name}_rank{rank}.json"), "w") as f:
-        json.dump({"world_size": trainer.accelerator.num_processes, "records": records,
-                   "log": trainer.state.log_history}, f)
+    train_recording_batches(trainer, records, os.path.join(out_dir, name + "_rank{}.json"))
 
 
 run("trigger", math_dataset(), off_policy_trigger="all_fail")

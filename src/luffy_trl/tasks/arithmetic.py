@@ -31,7 +31,8 @@ def worked_solution(a: int, b: int, op: str) -> tuple[str, int]:
         units = a % 10 + (10 if borrow else 0) - b % 10
         tens = a // 10 - (1 if borrow else 0) - b // 10
         result = a - b
-        steps = (f"Units: {a % 10 + (10 if borrow else 0)} - {b % 10} = {units}" + (" after borrowing 1 ten." if borrow else ".")
+        steps = (f"Units: {a % 10 + (10 if borrow else 0)} - {b % 10} = {units}"
+                 + (" after borrowing 1 ten." if borrow else ".")
                  + f" Tens: {a // 10}" + (" - 1" if borrow else "") + f" - {b // 10} = {tens}.")
     return f"We compute {a} {op} {b}. {steps} So the answer is \\boxed{{{result}}}.", result
 
