@@ -28,9 +28,11 @@ contains_answer_reward = boxed_answer_reward
 requires_torchrun = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun (from torch) is not on PATH")
 
 
-def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json") -> list[dict] | None:
+def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json",
+                      timeout: int = 300) -> list[dict] | None:
     """Run `script out_dir` under torchrun with two CPU processes (gloo) on a free port; return the JSON each rank
-    wrote to `out_dir / rank_files.format(rank)` (None when `rank_files` is None)."""
+    wrote to `out_dir / rank_files.format(rank)` (None when `rank_files` is None). A run that takes longer than
+    `timeout` seconds (a hang) fails the test."""
     import json
     import socket
     import subprocess
@@ -40,7 +42,7 @@ def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json") -
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), str(script), str(out_dir)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     if rank_files is None:
         return None

@@ -41,25 +41,3 @@ def test_groups_straddling_two_processes(tmp_path):
             assert [f for f, _ in got] == [f for f, _ in want]
             assert [a for _, a in got] == pytest.approx([a for _, a in want])
     assert ranks[0]["log"][0]["off_policy/fraction_of_rows"] == 0.25
-
-
-@pytest.mark.slow
-@requires_torchrun
-def test_vllm_server_mode_on_two_processes(tmp_path):
-    """TRL's server-mode generation (gathered prompts, dedupe by position, equal slices) with a fake server: whole
-    groups on each process ask for G − k = 3 completions of each of the 4 prompts and every on-policy row gets a
-    completion of its own prompt; groups straddling the processes generate every slot and discard the teacher
-    slots' 3 samples."""
-    script = pathlib.Path(__file__).parent / "scripts" / "two_process_vllm_server.py"
-    ranks = run_two_processes(script, tmp_path)
-    assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["server_calls"] == [[4, 3], [3, 4]]  # (unique prompts, completions per prompt)
-    assert ranks[1]["server_calls"] == []
-    for r in ranks:
-        assert r["whole"]["is_off_policy"] == [False, False, False, True] * 2
-        samples = [j for j, off in zip(r["whole"]["sample_index"], r["whole"]["is_off_policy"]) if not off]
-        assert samples == [0, 1, 2] * 2
-        assert r["whole"]["discarded"] == 0
-        assert r["straddle"]["discarded"] == 3
-    flags = ranks[0]["straddle"]["is_off_policy"] + ranks[1]["straddle"]["is_off_policy"]
-    assert flags == [False, False, False, True] * 3

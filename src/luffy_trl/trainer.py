@@ -15,7 +15,32 @@ Data flow of one generation batch (docs/method.md has the formulas):
 4. `_compute_loss` runs one forward pass and calls the pure `luffy_trl.losses` functions.
 
 Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL's.
+
+The class is assembled from two mixins: `trainer_generation.TeacherGenerationMixin` (steps 1-2) and
+`trainer_loss.MixedLossMixin` (step 4); this module holds construction, rewards, guidance and batch metrics.
 Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
+
+Collectives: the rule that keeps processes aligned. Every process must issue the same sequence of collective calls
+(gathers, reductions, and those inside generation: vLLM server mode's prompt gather, tensor-parallel colocate's group
+gather, ZeRO-3 weight gathering and synced decoding), whatever rows it holds. So a branch that contains a collective
+may depend only on what every process shares: the config, train/eval mode, the step, or gathered tensors; never on
+this process's own rows (whether it holds a teacher row, a trace, a failed group). The collectives luffy-trl adds:
+
+- `_subset_generations_per_prompt`: `gather_object` of "my rows are whole uniform groups", once per training
+  generation batch in vLLM server / tensor-parallel colocate mode with `num_off_policy > 0` (config and mode only:
+  the teacher plan is set on every process, even one without a teacher row). Then every process generates at
+  least one row, so generation's own collectives pair up.
+- `_calculate_rewards`: `gather` of the teacher flags, every training batch (TRL gathers the rewards itself).
+- `_apply_guidance`: `gather` of the loss-token count, when the *gathered* trigger decisions exclude a row or
+  `off_policy_loss="sft"` (config).
+- `_mask_truncated_on_policy_rows`: `gather` of the loss-token count, when `mask_truncated_completions` (config).
+- `_log_mixed_batch_metrics`: `gather` of the lengths and of the teacher counters, every training batch with
+  `num_off_policy > 0` (the counters are set on every process by `_plan_teacher_rows`).
+- `_compute_loss`: `gather` of the policy loss when the entropy bonus is on, of the aux loss when enabled (config);
+  `_log_loss_metrics`: one `reduce` and one `gather`, every call.
+- `LuffyEvalCallback`: see `luffy_trl.evaluation.callback`.
+`tests/test_vllm_alignment.py` runs two processes against TRL's real server-mode client with batches where one
+process holds no teacher row, a schedule leaves groups without one, or a trace is missing on one process only.
 """
 
 from __future__ import annotations
@@ -23,47 +48,29 @@ from __future__ import annotations
 import logging
 
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import gather
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import nanmax, nanmin
 
 from luffy_trl.config import MixedPolicyGRPOConfig
-from luffy_trl.guidance import (
-    align_teacher_logprobs,
-    group_gets_teacher,
-    keyed_rng,
-    on_policy_group_accuracy,
-    participating_teacher_rows,
-    schedule_value,
-    trace_order,
-    trigger_fired,
+from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_rows, trigger_fired
+from luffy_trl.losses import SUPPORTED_LOSS_TYPES
+from luffy_trl.teacher import TeacherTokenizer, teacher_texts
+from luffy_trl.trainer_generation import (
+    IS_OFF_POLICY,
+    LOGPROB_COUNTERS,
+    TEACHER_COUNTERS,
+    TEACHER_LOGPS,
+    TeacherGenerationMixin,
+    teacher_slot,
 )
-from luffy_trl.losses import SUPPORTED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
-from luffy_trl.teacher import TeacherTokenizer, teacher_logprobs, teacher_texts, teacher_traces
+from luffy_trl.trainer_loss import MixedLossMixin
 
-IS_OFF_POLICY = "is_off_policy"
-TEACHER_LOGPS = "teacher_per_token_logps"
-# Per generation batch, summed over processes and logged as off_policy/<name>.
-TEACHER_COUNTERS = ("missing", "invalid", "truncated", "tokenization_fallback", "discarded_generations")
-# Logged only when `off_policy_logprobs_column` is set.
-LOGPROB_COUNTERS = ("logprobs_used", "logprobs_fallback")
+__all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_slot"]
 # Rows whose teacher value is type-checked at construction time, so a malformed column fails before training.
 ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
 
-
-def teacher_slot(global_row: int, num_generations: int, num_off_policy: int) -> int | None:
-    """Index (0..num_off_policy-1) of the teacher slot that global row `global_row` occupies, or None.
-
-    Groups are contiguous runs of `num_generations` rows in TRL's global order; the last `num_off_policy` slots
-    of every group are teacher slots (any fixed slot set is equivalent: group statistics ignore order).
-    """
-    slot = global_row % num_generations
-    first_teacher_slot = num_generations - num_off_policy
-    return slot - first_teacher_slot if slot >= first_teacher_slot else None
-
-
-class MixedPolicyGRPOTrainer(GRPOTrainer):
+class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
     """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
 
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds
@@ -176,243 +183,8 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                     teacher_texts(value, column=args.off_policy_column, row=i)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Batch assembly
+    # Rewards, guidance decisions and batch metrics
     # ------------------------------------------------------------------------------------------------------------
-    def _schedule_value(self) -> float:
-        """The guidance schedule at the current optimiser step (`luffy_trl.guidance.schedule_value`)."""
-        args = self.args
-        return schedule_value(
-            self.state.global_step,
-            args.off_policy_schedule,
-            start=args.off_policy_schedule_start,
-            end=args.off_policy_schedule_end,
-            warmup_steps=args.off_policy_schedule_warmup_steps,
-            decay_steps=args.off_policy_schedule_decay_steps,
-            max_steps=self.state.max_steps,
-        )
-
-    def _next_generation_key(self) -> tuple[int, int]:
-        """(global step, index of this generation batch within the step): the key of this batch's random draws.
-
-        Identical on every process (they generate in lockstep) and after a resume (which starts at a step boundary).
-        """
-        step, index = self._generation_key
-        self._generation_key = (self.state.global_step, index + 1 if step == self.state.global_step else 0)
-        return self._generation_key
-
-    def _plan_teacher_rows(self, inputs: list[dict]) -> list[str | None]:
-        """Teacher text for each local row that occupies a teacher slot and has a trace, else None.
-
-        Also decides the group share of a `group_share` schedule and which of several traces each slot takes
-        (`off_policy_trace_selection`), and looks up the teacher log-probs of the chosen trace
-        (`self._teacher_logprobs_plan`).
-        """
-        args = self.args
-        column, logprobs_column = args.off_policy_column, args.off_policy_logprobs_column
-        base = self.accelerator.process_index * len(inputs)
-        step, generation = self._next_generation_key()
-        share = 1.0
-        if args.off_policy_schedule_target == "group_share":
-            share = self._schedule_value()
-            self._metrics["train"]["off_policy/schedule_value"].append(share)
-        plan, logprobs_plan, missing, invalid = [], [], 0, 0
-        for i, row in enumerate(inputs):
-            logprobs_plan.append(None)
-            slot = teacher_slot(base + i, self.num_generations, self.num_off_policy)
-            group = (base + i) // self.num_generations
-            if slot is None or not group_gets_teacher(share, seed=args.seed, step=step, generation=generation,
-                                                      group=group):
-                plan.append(None)  # an on-policy slot, or a group the schedule leaves without a teacher trace
-                continue
-            if column not in row:
-                raise KeyError(
-                    f"Row {i} of the generation batch has no column {column!r} (columns: {sorted(row)}). Set "
-                    "off_policy_column to the teacher column, or num_off_policy=0."
-                )
-            try:
-                traces = teacher_traces(row[column], column=column, row=i)
-            except TypeError as err:  # the first rows were checked at construction: count, warn, carry on
-                traces = None
-                invalid += 1
-                if self._invalid_teacher_warnings < 5:
-                    self._invalid_teacher_warnings += 1
-                    logger.warning("%s The slot is sampled from the policy instead (off_policy/invalid).", err)
-            if not traces:  # no usable trace: the slot is sampled from the policy like the others
-                plan.append(None)
-                missing += traces is not None
-                continue
-            lengths = rng = None
-            if args.off_policy_trace_selection == "shortest" and len(traces) > 1:
-                lengths = [len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in traces]
-            elif args.off_policy_trace_selection == "random" and len(traces) > 1:
-                rng = keyed_rng("trace", args.seed, step, generation, group)
-            order = trace_order(len(traces), args.off_policy_trace_selection, lengths=lengths, rng=rng)
-            position, text = traces[order[slot % len(traces)]]
-            plan.append(text)
-            if logprobs_column is not None:
-                logprobs_plan[-1] = teacher_logprobs(row.get(logprobs_column), position)
-        self._teacher_stats = dict.fromkeys(TEACHER_COUNTERS + LOGPROB_COUNTERS, 0)
-        self._teacher_stats.update(missing=missing, invalid=invalid)
-        self._teacher_logprobs_plan = logprobs_plan
-        return plan
-
-    def _generate_and_score_completions(self, inputs):
-        mode = "train" if self.model.training else "eval"
-        inputs = [dict(row) for row in inputs]  # rows may be shared objects; the flag is per completion
-        self._teacher_logprobs_plan = [None] * len(inputs)
-        if mode == "train" and self.num_off_policy > 0:
-            plan = self._plan_teacher_rows(inputs)
-        else:  # evaluation batches stay purely on-policy
-            plan = [None] * len(inputs)
-            self._teacher_stats = None
-        for row, text in zip(inputs, plan):
-            row[IS_OFF_POLICY] = text is not None
-        if self.num_off_policy > 0:  # a column of the completions table (log_completions=True)
-            self._log_completion_extra(IS_OFF_POLICY, [text is not None for text in plan])
-        self._teacher_plan = None
-        if any(plan):
-            self._teacher_plan = list(zip([row["prompt"] for row in inputs], plan, self._teacher_logprobs_plan))
-        self._teacher_logps_rows = {}
-        self._guidance = None
-
-        output = super()._generate_and_score_completions(inputs)
-        self._teacher_plan = None
-
-        device = self.accelerator.device
-        is_off = torch.tensor([text is not None for text in plan], dtype=torch.bool, device=device)
-        output[IS_OFF_POLICY] = is_off
-        if self._mask_truncated_on_policy:
-            self._mask_truncated_on_policy_rows(output)
-        if mode == "train":
-            self._log_mixed_batch_metrics(output)
-            if self.num_off_policy > 0:
-                self._apply_guidance(output)
-                if self.args.off_policy_logprobs_column is not None:
-                    output[TEACHER_LOGPS] = self._teacher_logps_tensor(output["completion_ids"])
-        return output
-
-    def _apply_guidance(self, output) -> None:
-        """Zero the completion mask of teacher rows whose trigger did not fire (no loss, no tokens in normalisers).
-
-        `_calculate_rewards` made the decisions on the gathered rewards, so every process agrees; this process owns
-        global rows `[process_index · B, (process_index + 1) · B)`. With `off_policy_loss="sft"` the policy-gradient
-        term covers on-policy tokens only, so `num_items_in_batch` (the `dapo` normaliser) counts only those.
-        """
-        decision = self._guidance
-        if decision is None:
-            return
-        num_rows = output["completion_mask"].size(0)
-        local = slice(self.accelerator.process_index * num_rows, (self.accelerator.process_index + 1) * num_rows)
-        excluded = decision["excluded"]
-        sft = self.args.off_policy_loss == "sft"
-        if excluded.any():  # global: the same branch on every process (the gather below is collective)
-            keep = (~excluded[local]).to(output["completion_mask"].device).unsqueeze(1)
-            output["completion_mask"] = output["completion_mask"] * keep.to(output["completion_mask"].dtype)
-        if excluded.any() or (sft and decision["is_off"].any()):
-            loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
-            if sft:
-                loss_mask = loss_mask * (~output[IS_OFF_POLICY]).unsqueeze(1).to(loss_mask.dtype)
-            output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-
-    def _teacher_logps_tensor(self, completion_ids: torch.Tensor) -> torch.Tensor:
-        """(B, C) teacher log-probs aligned with the completion tokens; 0 (π_φ = 1) where there are none."""
-        logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-        for i, values in (self._teacher_logps_rows or {}).items():
-            n = min(len(values), logps.size(1))
-            logps[i, :n] = torch.tensor(values[:n], dtype=torch.float32, device=logps.device)
-        self._teacher_logps_rows = None
-        return logps
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        plan, self._teacher_plan = self._teacher_plan, None  # consume once
-        if plan is None:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
-        stats = self._teacher_stats
-        teacher_ids = {}
-        use_logprobs = self.args.off_policy_logprobs_column is not None
-        for i, (prompt, text, logprobs) in enumerate(plan):
-            if text is not None:
-                encoded = self.teacher_tokenizer.encode(prompt, prompt_ids[i], text)
-                teacher_ids[i] = encoded.ids
-                stats["truncated"] += encoded.truncated
-                stats["tokenization_fallback"] += encoded.used_fallback
-                if use_logprobs:
-                    aligned = align_teacher_logprobs(logprobs, encoded.num_tokens, len(encoded.ids))
-                    if aligned is None:
-                        stats["logprobs_fallback"] += 1
-                    else:
-                        stats["logprobs_used"] += 1
-                        self._teacher_logps_rows[i] = aligned
-
-        per_prompt = self._subset_generations_per_prompt(images, multimodal_fields, teacher_ids, len(prompt_ids),
-                                                         num_generations)
-        if per_prompt is not None:
-            # Generate only the on-policy rows. Every process generates at least one row, so that collective
-            # operations inside generation (weight gathering, synced decoding) stay aligned across processes.
-            rows = [i for i in range(len(prompt_ids)) if i not in teacher_ids] or [0]
-            sub_ids, sub_logprobs = super()._generate_single_turn(
-                [prompt_ids[i] for i in rows], images, multimodal_fields, per_prompt, has_tool_images
-            )
-            completion_ids = [None] * len(prompt_ids)
-            logprobs = None if sub_logprobs is None else [None] * len(prompt_ids)
-            for k, i in enumerate(rows):
-                completion_ids[i] = sub_ids[k]
-                if logprobs is not None:
-                    logprobs[i] = sub_logprobs[k]
-            stats["discarded_generations"] += sum(i in teacher_ids for i in rows)
-        else:
-            completion_ids, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
-            completion_ids, logprobs = list(completion_ids), None if logprobs is None else list(logprobs)
-            stats["discarded_generations"] += len(teacher_ids)
-
-        for i, ids in teacher_ids.items():
-            completion_ids[i] = ids
-            if logprobs is not None:
-                logprobs[i] = [None] * len(ids)  # unknown sampling log-prob -> NaN -> vLLM IS ratio exactly 1
-        return completion_ids, logprobs
-
-    def _subset_generations_per_prompt(self, images, multimodal_fields, teacher_rows, num_rows: int,
-                                       num_generations: int) -> int | None:
-        """Completions per prompt to ask for when only the on-policy rows are generated; None: generate every row.
-
-        - transformers `generate`, continuous batching and single-GPU vLLM colocate generate row by row: any subset
-          works (`num_generations` is not used by them).
-        - vLLM server mode gathers all processes' prompts, keeps every `num_generations`-th one, asks the server
-          for that many completions of each and hands each process an equal slice; tensor-parallel colocate
-          gathers its group's prompts and slices them equally too. Both stay aligned when every process holds
-          whole groups with exactly `num_off_policy` teacher rows each: then the on-policy rows come in runs of
-          G − k identical prompts, equally many per process, and G − k completions per prompt are asked for. All
-          processes must agree, so the check is gathered (one small collective per generation). Otherwise (a
-          group without a trace, a `group_share` schedule, groups split across processes) every slot is
-          generated and the teacher slots' samples are discarded (`off_policy/discarded_generations`).
-        - Multimodal inputs are not sliced: every slot is generated.
-        """
-        if images is not None or multimodal_fields:
-            return None
-        if not self.use_vllm or (self.args.vllm_mode == "colocate" and self.args.vllm_tensor_parallel_size == 1):
-            return num_generations
-        g, k = self.num_generations, self.num_off_policy
-        uniform = num_rows % g == 0 and all(
-            sum(i in teacher_rows for i in range(start, start + g)) == k for start in range(0, num_rows, g)
-        )
-        if all(gather_object([uniform])):
-            return g - k
-        if not self._warned_full_generation:
-            self._warned_full_generation = True
-            cause = (f"this process holds {num_rows} rows, not whole groups of num_generations={g} (make the "
-                     "per-device batch times steps_per_generation a multiple of it)" if num_rows % g else
-                     "a group has no teacher trace, a group_share schedule is on, or another process holds partial "
-                     "groups")
-            logger.warning(
-                "vLLM %s generates every slot of this batch and discards the teacher slots' samples: %s. Counted in "
-                "off_policy/discarded_generations; warned once.",
-                "server mode" if self.args.vllm_mode == "server" else "tensor-parallel colocate", cause,
-            )
-        return None
-
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._guidance = self._batch_rewards = None
@@ -503,175 +275,3 @@ class MixedPolicyGRPOTrainer(GRPOTrainer):
                 metrics["off_policy/trigger_fired"].append(
                     decision["fired"][decision["has_teacher"]].float().mean().item()
                 )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Loss
-    # ------------------------------------------------------------------------------------------------------------
-    def _compute_loss(self, model, inputs):
-        """One forward pass, LUFFY's per-token loss (`luffy_trl.losses`), TRL's normalisers and extra terms.
-
-        Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for the token-level loss types it supports
-        (grpo, bnpo, dr_grpo, dapo): same forward call, KL, entropy bonus, entropy mask, off-policy sequence mask
-        (OPSM), vLLM importance-sampling ratio and metrics; teacher rows get the shaped objective and are exempt from
-        clipping, OPSM, the entropy mask and the vLLM IS ratio.
-        """
-        mode = "train" if self.model.training else "eval"
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        is_off = inputs.get(IS_OFF_POLICY)
-        if is_off is None:
-            is_off = torch.zeros(completion_ids.size(0), dtype=torch.bool, device=completion_ids.device)
-        off_rows = is_off.view(-1, 1)
-
-        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            num_images=inputs.get("num_images"),
-            pixel_attention_mask=inputs.get("pixel_attention_mask"),
-            spatial_shapes=inputs.get("spatial_shapes"),
-            num_tiles=inputs.get("num_tiles"),
-            image_sizes=inputs.get("image_sizes"),
-            token_type_ids=inputs.get("token_type_ids"),
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
-            image_position_ids=inputs.get("image_position_ids"),
-        )
-        advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        old_per_token_logps = inputs.get("old_per_token_logps")
-
-        # Token weights that apply to on-policy tokens only: teacher tokens keep weight 1.
-        weights = torch.ones_like(per_token_logps)
-        entropy_mask = None
-        if self.top_entropy_quantile < 1.0:
-            on_mask = mask * (~off_rows)
-            entropy_mask = self.get_high_entropy_mask(entropies, on_mask, 1 - self.top_entropy_quantile)
-            entropy_mask = torch.where(off_rows, torch.ones_like(entropy_mask), entropy_mask)
-            weights = weights * entropy_mask
-        if self.off_policy_mask_threshold is not None:
-            old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-            opsm = self.get_off_policy_mask(
-                advantages=advantages,
-                per_token_logps=per_token_logps,
-                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
-                mask=mask,
-                off_policy_threshold=self.off_policy_mask_threshold,
-            )
-            weights = weights * torch.where(off_rows, torch.ones_like(opsm), opsm)
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            is_ratio = inputs["importance_sampling_ratio"]
-            weights = weights * torch.where(off_rows, torch.ones_like(is_ratio), is_ratio)
-
-        # Guidance strength: a loss-weight schedule multiplies the off-policy term (1.0, i.e. untouched, by default).
-        off_policy_weight = 1.0
-        if mode == "train" and self.num_off_policy > 0 and self.args.off_policy_schedule_target == "loss_weight":
-            off_policy_weight = self._schedule_value()
-            self._metrics[mode]["off_policy/schedule_value"].append(off_policy_weight)
-        sft = self.args.off_policy_loss == "sft"
-        losses = mixed_policy_per_token_loss(
-            per_token_logps,
-            old_per_token_logps,
-            advantages,
-            is_off,
-            shaping=self.args.off_policy_shaping,
-            gamma=self.args.policy_shaping_gamma,
-            clip=self.args.on_policy_clip,
-            epsilon_low=self.epsilon_low,
-            epsilon_high=self.epsilon_high,
-            delta=self.args.delta,
-            teacher_per_token_logps=inputs.get(TEACHER_LOGPS),
-            off_policy_weight=off_policy_weight,
-            off_policy_loss=self.args.off_policy_loss,
-        )
-        per_token_loss = losses.per_token_loss * weights
-        # "RL w/ SFT loss": the policy-gradient term covers on-policy tokens only; teacher tokens get the NLL below.
-        pg_mask = mask * (~off_rows) if sft else mask
-
-        if self.beta != 0.0:
-            ref = inputs["ref_per_token_logps"]
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:  # the rollout ratio exists for on-policy rows only
-                per_token_kl = per_token_kl * losses.ratio
-            per_token_loss = per_token_loss + self.beta * per_token_kl
-
-        loss = aggregate_loss(
-            per_token_loss,
-            pg_mask,
-            self.loss_type,
-            max_completion_length=self.max_completion_length,
-            num_items_in_batch=inputs["num_items_in_batch"],
-            num_processes=self.accelerator.num_processes,
-            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
-            steps_per_generation=self.args.steps_per_generation,
-            training=mode == "train",
-        )
-        policy_loss = loss.detach()
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self._entropy_bonus_enabled:
-            # Entropy bonus = mean token entropy over the tokens the policy term acts on, scaled only for gradient
-            # accumulation (TRL's definition, L = L_policy − coef · H).
-            effective_mask = mask if entropy_mask is None else mask * entropy_mask
-            entropy = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
-            loss = loss - self.entropy_coef * entropy / accumulation
-            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
-            if mode == "train" and self.accelerator.sync_gradients:
-                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
-        sft_nll = None
-        if sft:
-            # Token-mean NLL over this micro-batch's teacher tokens, scaled like TRL's entropy term (÷ GA).
-            sft_nll = sft_nll_loss(per_token_logps, mask, is_off)
-            loss = loss + self.args.sft_loss_coef * off_policy_weight * sft_nll / accumulation
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-
-        self._log_loss_metrics(mode, mask, off_rows, per_token_logps, entropies, losses,
-                               per_token_kl if self.beta != 0.0 else None, sft_nll is not None)
-        return loss
-
-    def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl,
-                          sft=False) -> None:
-        """Token means over all processes, gathered in one all-reduce and one device-to-host copy.
-
-        Stock TRL reduces and `.item()`s each metric on its own (a collective and a device sync per metric); with
-        the teacher metrics added that would be eight of each per micro-batch.
-        """
-        metrics = self._metrics[mode]
-        on_mask = mask * (~off_rows)
-        off_mask = mask * off_rows
-        low, high = losses.is_low_clipped.float(), losses.is_high_clipped.float()
-        terms = {}  # metric -> (per-token values, mask); teacher tokens are never clipped
-        if per_token_kl is not None:
-            terms["kl"] = (per_token_kl, mask)
-        terms["entropy"] = (entropies, mask)
-        terms["clip_ratio/low_mean"] = (low, on_mask)
-        terms["clip_ratio/high_mean"] = (high, on_mask)
-        terms["clip_ratio/region_mean"] = (torch.maximum(low, high), on_mask)
-        if self.num_off_policy > 0 and mode == "train":
-            terms["off_policy/prob_mean"] = (per_token_logps.detach().exp(), off_mask)
-            if sft:
-                terms["off_policy/sft_nll"] = (-per_token_logps, off_mask)
-            else:
-                terms["off_policy/shaping_weight_mean"] = (losses.shaping_weight, off_mask)
-        sums = torch.stack([(x.detach() * m).sum().float() for x, m in terms.values()]
-                           + [m.sum().float() for _, m in terms.values()])
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        n = len(terms)
-        means = (sums[:n] / sums[n:].clamp(min=1.0)).tolist()
-        # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
-        seq = torch.stack([(low * on_mask).sum(1), (high * on_mask).sum(1)]) / on_mask.sum(1)
-        seq = self.accelerator.gather(seq.T.contiguous())  # gather concatenates along rows
-        extremes = torch.stack([nanmin(seq[:, 0]), nanmax(seq[:, 1])]).tolist()
-        for name, value in zip(terms, means):
-            metrics[name].append(value)
-        metrics["clip_ratio/low_min"].append(extremes[0])
-        metrics["clip_ratio/high_max"].append(extremes[1])

@@ -1,0 +1,186 @@
+"""The mixed-policy loss wiring: one forward pass, the pure `luffy_trl.losses` functions, TRL's normalisers.
+
+`MixedLossMixin` is one of the pieces of `MixedPolicyGRPOTrainer` (`luffy_trl.trainer`); it replaces TRL's
+`_compute_loss` (a re-implementation, not a copy; `tests/test_trainer_loss.py` checks it against stock TRL).
+"""
+
+from __future__ import annotations
+
+import torch
+from trl.trainer.utils import nanmax, nanmin
+
+from luffy_trl.losses import aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
+from luffy_trl.trainer_generation import IS_OFF_POLICY, TEACHER_LOGPS
+
+
+class MixedLossMixin:
+    """`_compute_loss` for mixed on-policy / teacher batches, and its metrics."""
+
+    def _compute_loss(self, model, inputs):
+        """One forward pass, LUFFY's per-token loss (`luffy_trl.losses`), TRL's normalisers and extra terms.
+
+        Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for the token-level loss types it supports
+        (grpo, bnpo, dr_grpo, dapo): same forward call, KL, entropy bonus, entropy mask, off-policy sequence mask
+        (OPSM), vLLM importance-sampling ratio and metrics; teacher rows get the shaped objective and are exempt from
+        clipping, OPSM, the entropy mask and the vLLM IS ratio.
+        """
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        is_off = inputs.get(IS_OFF_POLICY)
+        if is_off is None:
+            is_off = torch.zeros(completion_ids.size(0), dtype=torch.bool, device=completion_ids.device)
+        off_rows = is_off.view(-1, 1)
+
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            num_images=inputs.get("num_images"),
+            pixel_attention_mask=inputs.get("pixel_attention_mask"),
+            spatial_shapes=inputs.get("spatial_shapes"),
+            num_tiles=inputs.get("num_tiles"),
+            image_sizes=inputs.get("image_sizes"),
+            token_type_ids=inputs.get("token_type_ids"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            image_position_ids=inputs.get("image_position_ids"),
+        )
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        old_per_token_logps = inputs.get("old_per_token_logps")
+
+        # Token weights that apply to on-policy tokens only: teacher tokens keep weight 1.
+        weights = torch.ones_like(per_token_logps)
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            on_mask = mask * (~off_rows)
+            entropy_mask = self.get_high_entropy_mask(entropies, on_mask, 1 - self.top_entropy_quantile)
+            entropy_mask = torch.where(off_rows, torch.ones_like(entropy_mask), entropy_mask)
+            weights = weights * entropy_mask
+        if self.off_policy_mask_threshold is not None:
+            old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+            opsm = self.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
+            )
+            weights = weights * torch.where(off_rows, torch.ones_like(opsm), opsm)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            is_ratio = inputs["importance_sampling_ratio"]
+            weights = weights * torch.where(off_rows, torch.ones_like(is_ratio), is_ratio)
+
+        # Guidance strength: a loss-weight schedule multiplies the off-policy term (1.0, i.e. untouched, by default).
+        off_policy_weight = 1.0
+        if mode == "train" and self.num_off_policy > 0 and self.args.off_policy_schedule_target == "loss_weight":
+            off_policy_weight = self._schedule_value()
+            self._metrics[mode]["off_policy/schedule_value"].append(off_policy_weight)
+        sft = self.args.off_policy_loss == "sft"
+        losses = mixed_policy_per_token_loss(
+            per_token_logps,
+            old_per_token_logps,
+            advantages,
+            is_off,
+            shaping=self.args.off_policy_shaping,
+            gamma=self.args.policy_shaping_gamma,
+            clip=self.args.on_policy_clip,
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            delta=self.args.delta,
+            teacher_per_token_logps=inputs.get(TEACHER_LOGPS),
+            off_policy_weight=off_policy_weight,
+            off_policy_loss=self.args.off_policy_loss,
+        )
+        per_token_loss = losses.per_token_loss * weights
+        # "RL w/ SFT loss": the policy-gradient term covers on-policy tokens only; teacher tokens get the NLL below.
+        pg_mask = mask * (~off_rows) if sft else mask
+
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if self.args.use_bias_correction_kl:  # the rollout ratio exists for on-policy rows only
+                per_token_kl = per_token_kl * losses.ratio
+            per_token_loss = per_token_loss + self.beta * per_token_kl
+
+        loss = aggregate_loss(
+            per_token_loss,
+            pg_mask,
+            self.loss_type,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes,
+            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            steps_per_generation=self.args.steps_per_generation,
+            training=mode == "train",
+        )
+        policy_loss = loss.detach()
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self._entropy_bonus_enabled:
+            # Entropy bonus = mean token entropy over the tokens the policy term acts on, scaled only for gradient
+            # accumulation (TRL's definition, L = L_policy − coef · H).
+            effective_mask = mask if entropy_mask is None else mask * entropy_mask
+            entropy = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
+            loss = loss - self.entropy_coef * entropy / accumulation
+            self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        sft_nll = None
+        if sft:
+            # Token-mean NLL over this micro-batch's teacher tokens, scaled like TRL's entropy term (÷ GA).
+            sft_nll = sft_nll_loss(per_token_logps, mask, is_off)
+            loss = loss + self.args.sft_loss_coef * off_policy_weight * sft_nll / accumulation
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        self._log_loss_metrics(mode, mask, off_rows, per_token_logps, entropies, losses,
+                               per_token_kl if self.beta != 0.0 else None, sft_nll is not None)
+        return loss
+
+    def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl,
+                          sft=False) -> None:
+        """Token means over all processes, gathered in one all-reduce and one device-to-host copy.
+
+        Stock TRL reduces and `.item()`s each metric on its own (a collective and a device sync per metric); with
+        the teacher metrics added that would be eight of each per micro-batch.
+        """
+        metrics = self._metrics[mode]
+        on_mask = mask * (~off_rows)
+        off_mask = mask * off_rows
+        low, high = losses.is_low_clipped.float(), losses.is_high_clipped.float()
+        terms = {}  # metric -> (per-token values, mask); teacher tokens are never clipped
+        if per_token_kl is not None:
+            terms["kl"] = (per_token_kl, mask)
+        terms["entropy"] = (entropies, mask)
+        terms["clip_ratio/low_mean"] = (low, on_mask)
+        terms["clip_ratio/high_mean"] = (high, on_mask)
+        terms["clip_ratio/region_mean"] = (torch.maximum(low, high), on_mask)
+        if self.num_off_policy > 0 and mode == "train":
+            terms["off_policy/prob_mean"] = (per_token_logps.detach().exp(), off_mask)
+            if sft:
+                terms["off_policy/sft_nll"] = (-per_token_logps, off_mask)
+            else:
+                terms["off_policy/shaping_weight_mean"] = (losses.shaping_weight, off_mask)
+        sums = torch.stack([(x.detach() * m).sum().float() for x, m in terms.values()]
+                           + [m.sum().float() for _, m in terms.values()])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        n = len(terms)
+        means = (sums[:n] / sums[n:].clamp(min=1.0)).tolist()
+        # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
+        seq = torch.stack([(low * on_mask).sum(1), (high * on_mask).sum(1)]) / on_mask.sum(1)
+        seq = self.accelerator.gather(seq.T.contiguous())  # gather concatenates along rows
+        extremes = torch.stack([nanmin(seq[:, 0]), nanmax(seq[:, 1])]).tolist()
+        for name, value in zip(terms, means):
+            metrics[name].append(value)
+        metrics["clip_ratio/low_min"].append(extremes[0])
+        metrics["clip_ratio/high_max"].append(extremes[1])
