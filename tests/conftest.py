@@ -118,6 +118,57 @@ def attach_fake_vllm_server(trainer) -> FakeVLLMServer:
     return generation.vllm_client
 
 
+class FakeColocatedLLM:
+    """Stands in for the `vllm.LLM` of colocate mode (one completion per prompt row, `n=1`): the k-th occurrence of
+    a prompt in one call gets [marker of the prompt, 3 + k, 3 + k], so a row's completion tells its prompt and its
+    position among the rows of that prompt (its sample index, as with `FakeVLLMServer`)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.calls.append(len(prompts))
+        seen, outputs = {}, []
+        for row in prompts:
+            ids = list(row["prompt_token_ids"])
+            k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+            tokens = [prompt_marker(ids), 3 + k, 3 + k]
+            logprobs = [{t: SimpleNamespace(logprob=-0.5, rank=1)} for t in tokens]
+            outputs.append(SimpleNamespace(prompt_token_ids=ids,
+                                           outputs=[SimpleNamespace(token_ids=tokens, logprobs=logprobs)]))
+        return outputs
+
+
+def attach_fake_vllm_colocate(trainer) -> FakeColocatedLLM:
+    """Route generation through TRL's own vLLM colocate code with a fake `LLM`; on more than one process, as
+    tensor-parallel colocate with every process in one tensor-parallel group (TRL gathers the group's prompts over
+    `tp_group`, every rank generates all of them and keeps an equal slice). `vllm.SamplingParams` is replaced by a
+    plain namespace (vLLM is not installed on CPU)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    import trl.generation.vllm_generation as vllm_generation
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    if not hasattr(vllm_generation, "SamplingParams"):  # vLLM not installed: a stand-in that takes the same kwargs
+        vllm_generation.SamplingParams = SimpleNamespace
+    world = trainer.accelerator.num_processes
+    generation = object.__new__(VLLMGeneration)
+    generation.__dict__.update(
+        mode="colocate", accelerator=trainer.accelerator, model=trainer.model, temperature=1.0, top_p=1.0, top_k=0,
+        min_p=None, repetition_penalty=1.0, max_completion_length=trainer.max_completion_length, logprobs=0,
+        structured_outputs_regex=None, generation_kwargs={}, enable_sleep_mode=False, tensor_parallel_size=world,
+        tp_group=dist.new_group(list(range(world))) if world > 1 else None, llm=FakeColocatedLLM(),
+    )
+    trainer.vllm_generation, trainer.use_vllm = generation, True
+    trainer.args.vllm_mode, trainer.args.vllm_tensor_parallel_size = "colocate", world
+    trainer._last_loaded_step = trainer.state.global_step  # no weight sync
+    trainer.model.train()
+    return generation.llm
+
+
 def assert_server_completions_match_prompts(out) -> None:
     """Every on-policy row of a fake-server batch holds a completion of its own prompt."""
     markers = set()

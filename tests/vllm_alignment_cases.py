@@ -2,10 +2,21 @@
 `scripts/two_process_vllm_alignment.py` and the single-process reference in `test_vllm_alignment.py`.
 
 Each case is a global generation batch (TRL's order: groups are contiguous runs of G rows) that two processes split
-in halves. Generation goes through TRL's real server-mode client code with a fake server (`attach_fake_vllm_server`).
+in halves. Generation goes through TRL's real vLLM code in two modes: server mode with a fake server
+(`attach_fake_vllm_server`: prompts gathered over processes, deduplicated by position, sliced equally) and
+tensor-parallel colocate with a fake `LLM` (`attach_fake_vllm_colocate`: prompts gathered over the tensor-parallel
+group, sliced equally). On one process "colocate" is plain single-GPU colocate (row by row, no gather).
 """
 
-from conftest import attach_fake_vllm_server, build_model, contains_answer_reward, math_dataset, prompt_marker, tiny_args
+from conftest import (
+    attach_fake_vllm_colocate,
+    attach_fake_vllm_server,
+    build_model,
+    contains_answer_reward,
+    math_dataset,
+    prompt_marker,
+    tiny_args,
+)
 
 from luffy_trl import MixedPolicyGRPOTrainer
 
@@ -26,8 +37,11 @@ CASES = {
 }
 
 
-def build_trainers(tokenizer, output_dir):
-    """The trainers the cases use, each generating through TRL's server-mode code with a fake server."""
+MODES = ("server", "colocate")
+
+
+def build_trainers(tokenizer, output_dir, mode="server"):
+    """The trainers the cases use, each generating through TRL's vLLM code in `mode` with a fake engine."""
     dataset = math_dataset()
     missing = dataset.map(lambda row, i: {"target": None if i == 7 else row["target"]}, with_indices=True)
     specs = {
@@ -40,9 +54,9 @@ def build_trainers(tokenizer, output_dir):
     for name, (data, overrides) in specs.items():
         trainer = MixedPolicyGRPOTrainer(
             model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=data,
-            processing_class=tokenizer, args=tiny_args(f"{output_dir}/{name}", max_steps=1, **overrides),
+            processing_class=tokenizer, args=tiny_args(f"{output_dir}/{mode}-{name}", max_steps=1, **overrides),
         )
-        attach_fake_vllm_server(trainer)
+        (attach_fake_vllm_server if mode == "server" else attach_fake_vllm_colocate)(trainer)
         trainers[name] = (trainer, data)
     return trainers
 
@@ -66,3 +80,9 @@ def run_case(trainer, rows) -> dict:
         samples.append(completion[1].item() - 3)
     return {"is_off_policy": out["is_off_policy"].tolist(), "sample_index": samples,
             "discarded": trainer._metrics["train"]["off_policy/discarded_generations"][-1]}
+
+
+def engine_calls(trainer) -> list:
+    """Server mode: (unique prompts, completions per prompt) per request; colocate: rows per `LLM.generate`."""
+    generation = trainer.vllm_generation
+    return generation.vllm_client.calls if generation.mode == "server" else generation.llm.calls
