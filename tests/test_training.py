@@ -89,6 +89,54 @@ def test_num_off_policy_zero_equals_stock_grpo_trainer(tokenizer, tmp_path):
         torch.testing.assert_close(p_ours, p_stock, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_unclipped_ratio_is_not_plain_grpo_and_warns(tokenizer, tmp_path, caplog):
+    """With two updates per generation batch the on-policy ratio leaves 1: `num_off_policy=0` equals stock GRPO only
+    with `on_policy_clip=True`; with the default (no clip) parameters differ and the trainer says so once."""
+    from luffy_trl.config import on_policy_ratio_departures
+
+    common = dict(
+        use_cpu=True, bf16=False, gradient_checkpointing=False, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=12, max_steps=3, learning_rate=5e-2, report_to="none", save_strategy="no",
+        logging_steps=1, seed=0, disable_tqdm=True, loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.0,
+        weight_decay=0.0, lr_scheduler_type="constant", num_iterations=2, gradient_accumulation_steps=2,
+    )
+    stock = GRPOTrainer(model=build_model(tokenizer), reward_funcs=varied_reward,
+                        args=GRPOConfig(output_dir=str(tmp_path / "stock"), **common), train_dataset=math_dataset(),
+                        processing_class=tokenizer)
+    stock.train()
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        clipped = train(tokenizer, tmp_path / "clip", varied_reward, num_off_policy=0, on_policy_clip=True, **common)
+    assert "on_policy_clip=False" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        unclipped = train(tokenizer, tmp_path / "noclip", varied_reward, num_off_policy=0, **common)
+    warnings = [r for r in caplog.records if "on_policy_clip=False" in r.getMessage()]
+    assert len(warnings) == 1 and "NOT TRL's GRPO" in warnings[0].getMessage()
+    assert on_policy_ratio_departures(unclipped.args)
+    assert any(h.get("clip_ratio/region_mean", 0) > 0 for h in clipped.state.log_history)  # the clip acted
+    diff = 0.0
+    for (name, p_stock), (_, p_clip), (_, p_free) in zip(stock.model.named_parameters(),
+                                                          clipped.model.named_parameters(),
+                                                          unclipped.model.named_parameters()):
+        torch.testing.assert_close(p_clip, p_stock, rtol=1e-5, atol=1e-6, msg=name)
+        diff = max(diff, (p_free - p_stock).abs().max().item())
+    assert diff > 1e-4
+
+
+def test_ratio_departures_follow_trls_rule():
+    from luffy_trl import MixedPolicyGRPOConfig
+    from luffy_trl.config import on_policy_ratio_departures
+
+    def reasons(**kw):
+        return on_policy_ratio_departures(MixedPolicyGRPOConfig(output_dir="x", use_cpu=True, bf16=False, **kw))
+
+    assert reasons() == []
+    assert reasons(gradient_accumulation_steps=4) == []  # steps_per_generation defaults to GA: one step per batch
+    assert reasons(num_iterations=2)
+    assert reasons(gradient_accumulation_steps=2, steps_per_generation=4)
+    assert reasons(use_vllm=True) and reasons(use_vllm=True, vllm_importance_sampling_correction=False) == []
+
+
 def test_training_changes_every_parameter(tokenizer, tmp_path):
     model = build_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -42,6 +42,28 @@ LUFFY_MATCHING_TRL_DEFAULTS: dict[str, tuple[object, str]] = {
 }
 
 
+def on_policy_ratio_departures(args) -> list[str]:
+    """Why the on-policy ratio r = exp(logp − logp_old) can differ from 1 under `args` ([] when it is exactly 1).
+
+    TRL 1.16 computes rollout log-probs (so r is not identically 1) when generation and optimiser steps are not
+    aligned, `gradient_accumulation_steps % (steps_per_generation · num_iterations) != 0`, or when vLLM's
+    importance-sampling correction is on (the trainer re-scores vLLM's samples; r then differs from 1 by numerical
+    noise at the first update and by the policy change at later ones). With `on_policy_clip=False` that r is used
+    unclipped, so `num_off_policy=0` is then not TRL's (clipped) GRPO.
+    """
+    reasons = []
+    ga = args.gradient_accumulation_steps
+    spg = args.steps_per_generation or ga
+    if ga % (spg * args.num_iterations):
+        reasons.append(
+            f"gradient_accumulation_steps={ga} is not a multiple of steps_per_generation × num_iterations = "
+            f"{spg} × {args.num_iterations} (several optimiser steps per generation batch)"
+        )
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        reasons.append("use_vllm with vllm_importance_sampling_correction (the trainer re-scores vLLM's samples)")
+    return reasons
+
+
 def _default(name: str):
     return LUFFY_DEFAULTS[name][0]
 
@@ -59,8 +81,10 @@ class MixedPolicyGRPOConfig(GRPOConfig):
 
     Parameters (new):
         num_off_policy (`int`, defaults to `1`):
-            Slots of each group filled with off-policy (teacher) completions from `off_policy_column`. `0` is plain
-            GRPO. Must be smaller than `num_generations`.
+            Slots of each group filled with off-policy (teacher) completions from `off_policy_column`. `0` with
+            `on_policy_clip=True` is TRL's GRPO exactly; with the default `on_policy_clip=False` it is GRPO without
+            the clip, which equals it only while the on-policy ratio is exactly 1 (see `on_policy_ratio_departures`).
+            Must be smaller than `num_generations`.
         off_policy_column (`str`, defaults to `"target"`):
             Dataset column holding the teacher completion: a string, LUFFY's list of
             `{"role": "assistant", "content": ...}` messages, or a list of several strings (teacher slot `j` of a group
@@ -75,7 +99,8 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         on_policy_clip (`bool`, defaults to `False`):
             Clip the on-policy ratio with `epsilon`/`epsilon_high` (PPO/GRPO). LUFFY's released script removes the
             clip (`loss_remove_clip=True`), the paper keeps it; the default follows the released code. With one
-            optimiser step per generation batch (TRL's default geometry) the ratio is exactly 1 and both agree.
+            optimiser step per generation batch (TRL's default geometry, `num_iterations=1`, no vLLM) the ratio is
+            exactly 1 and both agree; otherwise the unclipped ratio is used and the trainer warns once.
         success_reward_threshold (`float`, defaults to `1.0`):
             A completion counts as solved when its (weighted) total reward is at least this value. Used by the
             `groups/*` metrics and by `off_policy_trigger`.
@@ -130,7 +155,8 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         metadata={
             "help": "Number of slots of each GRPO group filled with off-policy (teacher) completions taken from "
             "`off_policy_column`. `num_generations` stays the total group size (LUFFY: 8 = 7 on-policy + 1 "
-            "off-policy). 0 is plain GRPO."
+            "off-policy). 0 with on_policy_clip=True is TRL's GRPO exactly; with on_policy_clip=False it is GRPO "
+            "without the clip (identical only while the on-policy ratio is 1)."
         },
     )
     off_policy_column: str = field(

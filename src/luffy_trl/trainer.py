@@ -51,7 +51,7 @@ import torch
 from accelerate.utils import gather
 from trl import GRPOConfig, GRPOTrainer
 
-from luffy_trl.config import MixedPolicyGRPOConfig
+from luffy_trl.config import MixedPolicyGRPOConfig, on_policy_ratio_departures
 from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_rows, trigger_fired
 from luffy_trl.losses import SUPPORTED_LOSS_TYPES
 from luffy_trl.teacher import TeacherTokenizer, teacher_texts
@@ -105,6 +105,7 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
                 "luffy_trl.MixedPolicyGRPOConfig(...) (it accepts every GRPOConfig field)."
             )
         self._check_supported(args, train_dataset, kwargs)
+        self._warn_unclipped_ratio(args)
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          **kwargs)
         if self._is_vlm and args.num_off_policy > 0:
@@ -138,6 +139,21 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
     # Construction-time checks
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod
+    def _warn_unclipped_ratio(args: MixedPolicyGRPOConfig) -> None:
+        """Warn (once per trainer) when the on-policy ratio can leave 1 while `on_policy_clip=False`."""
+        reasons = on_policy_ratio_departures(args)
+        if args.on_policy_clip or not reasons:
+            return
+        baseline = ("num_off_policy=0 is therefore NOT TRL's GRPO (which clips); " if args.num_off_policy == 0
+                    else "")
+        logger.warning(
+            "on_policy_clip=False and the on-policy importance ratio can depart from 1 here: %s. On-policy tokens get "
+            "the unclipped objective -A·r, as in LUFFY's released script (loss_remove_clip=True); %sset "
+            "on_policy_clip=True for the clipped PPO/GRPO objective (the paper's, and the on-policy baseline's).",
+            "; ".join(reasons), baseline,
+        )
+
+    @staticmethod
     def _check_supported(args: MixedPolicyGRPOConfig, train_dataset, kwargs) -> None:
         unsupported = []
         if args.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -168,7 +184,7 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
                 raise ValueError(
                     f"off_policy_column={args.off_policy_column!r} is not a column of train_dataset; columns present: "
                     f"{list(columns)}. Point off_policy_column at the column with the teacher completions (LUFFY's "
-                    "data calls it 'target'), or set num_off_policy=0 for plain GRPO."
+                    "data calls it 'target'), or set num_off_policy=0 (with on_policy_clip=True) for plain GRPO."
                 )
             logprobs_column = args.off_policy_logprobs_column
             if args.num_off_policy > 0 and logprobs_column is not None and logprobs_column not in columns:
