@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from luffy_trl.guidance import OFF_POLICY_LOSSES, SCHEDULE_TARGETS, SCHEDULES, TRACE_SELECTIONS, TRIGGERS
-from luffy_trl.losses import SHAPING_FUNCTIONS
+from luffy_trl.losses import ON_POLICY_SHAPINGS, SHAPING_FUNCTIONS
 
 # Inherited GRPOConfig fields whose default luffy-trl changes to match LUFFY's released headline run
 # (`exp_scripts/train.sh` of ElliottYan/LUFFY; see docs/configuration.md for the full mapping and the reasons).
@@ -95,7 +95,30 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             γ of LUFFY's policy shaping f(p) = p / (p + γ).
         off_policy_shaping (`str`, defaults to `"luffy"`):
             Per-token objective on teacher tokens: `"luffy"` = −A·p/(p+γ) (LUFFY), `"none"` = −A·p (the paper's
-            "no shaping" ablation, π_φ = 1), `"logp"` = −A·log p (SFT-like, advantage-weighted log-likelihood).
+            "no shaping" ablation, π_φ = 1), `"logp"` = −A·w·log p (SFT-like, advantage-weighted log-likelihood),
+            `"p_logp"` = −A·(p + w·log p), `"square_root"` = −A·√p, `"pow"` = −A·p^k (LUFFY's `off_policy_reshape`).
+        off_policy_shaping_weight (`float`, defaults to `1.0`):
+            w of the `"logp"` and `"p_logp"` shapings (LUFFY's `off_policy_reshape_weight`).
+        off_policy_shaping_exponent (`float`, defaults to `0.5`):
+            k of the `"pow"` shaping (LUFFY's `off_policy_reshape_pow_exp`).
+        off_policy_max_clip (`float` or `None`, defaults to `None`):
+            Clamp the shaped weight f(p) of teacher tokens from above (no gradient where clamped; LUFFY's
+            `off_policy_max_clip`, −1 there = `None`).
+        off_policy_min_clip (`float` or `None`, defaults to `None`):
+            Clamp f(p) of teacher tokens from below (LUFFY's `off_policy_min_clip`).
+        max_token_prob (`float` or `None`, defaults to `None`):
+            Drop every completion token (on- and off-policy) whose current probability exceeds this from the
+            policy loss and from the normaliser's token count (LUFFY's `all_max_clip`).
+        on_policy_shaping (`str`, defaults to `"none"`):
+            The on-policy ratio r in −A·r, with d = logp − logp_old: `"none"` exp(d) (PPO/GRPO), `"luffy"`
+            f(p)/f(p_old) with f(p) = p/(p+γ_on), `"logp"` d, `"p_logp"` exp(d) + w·d, `"square_root"` exp(d)^½,
+            `"pow"` exp(d)^k (LUFFY's `on_policy_reshape`; the clip, when on, acts on this r).
+        on_policy_shaping_gamma (`float`, defaults to `0.1`):
+            γ_on of the `"luffy"` on-policy shaping (LUFFY's `p_div_p_0.1` / `p_div_p_0.5`).
+        on_policy_shaping_weight (`float`, defaults to `1.0`):
+            w of the `"p_logp"` on-policy shaping (LUFFY's `on_policy_reshape_weight`).
+        on_policy_shaping_exponent (`float`, defaults to `0.5`):
+            k of the `"pow"` on-policy shaping (LUFFY's `on_policy_reshape_pow_exp`).
         on_policy_clip (`bool`, defaults to `False`):
             Clip the on-policy ratio with `epsilon`/`epsilon_high` (PPO/GRPO). LUFFY's released script removes the
             clip (`loss_remove_clip=True`), the paper keeps it; the default follows the released code. With one
@@ -174,9 +197,51 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         default="luffy",
         metadata={
             "help": "Objective on teacher tokens: 'luffy' (-A·p/(p+γ), LUFFY's policy shaping), 'none' (-A·p, "
-            "the unshaped importance weight with π_φ=1) or 'logp' (-A·log p, SFT-like).",
+            "the unshaped importance weight with π_φ=1), 'logp' (-A·w·log p, SFT-like), 'p_logp' (-A·(p + w·log p)), "
+            "'square_root' (-A·√p) or 'pow' (-A·p^k). LUFFY's off_policy_reshape.",
             "choices": list(SHAPING_FUNCTIONS),
         },
+    )
+    off_policy_shaping_weight: float = field(
+        default=1.0,
+        metadata={"help": "w of the 'logp' and 'p_logp' off-policy shapings (LUFFY's off_policy_reshape_weight)."},
+    )
+    off_policy_shaping_exponent: float = field(
+        default=0.5,
+        metadata={"help": "k of the 'pow' off-policy shaping p^k (LUFFY's off_policy_reshape_pow_exp)."},
+    )
+    off_policy_max_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clamp the shaped weight f(p) of teacher tokens to at most this (no gradient where "
+                          "clamped). None disables (LUFFY's off_policy_max_clip=-1)."},
+    )
+    off_policy_min_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clamp the shaped weight f(p) of teacher tokens to at least this. None disables (LUFFY's "
+                          "off_policy_min_clip=-1)."},
+    )
+    max_token_prob: float | None = field(
+        default=None,
+        metadata={"help": "Drop completion tokens (on- and off-policy) whose current probability exceeds this from "
+                          "the policy loss and the normaliser's token count. None disables (LUFFY's all_max_clip=-1)."},
+    )
+    on_policy_shaping: str = field(
+        default="none",
+        metadata={
+            "help": "On-policy ratio r in -A·r, d = logp - logp_old: 'none' exp(d) (PPO/GRPO), 'luffy' "
+            "f(p)/f(p_old) with f(p) = p/(p+γ_on), 'logp' d, 'p_logp' exp(d) + w·d, 'square_root' exp(d)^0.5, 'pow' "
+            "exp(d)^k. LUFFY's on_policy_reshape; the clip, when on, acts on this r.",
+            "choices": list(ON_POLICY_SHAPINGS),
+        },
+    )
+    on_policy_shaping_gamma: float = field(
+        default=0.1, metadata={"help": "γ_on of the 'luffy' on-policy shaping (LUFFY's on_policy_reshape=p_div_p_<γ>)."}
+    )
+    on_policy_shaping_weight: float = field(
+        default=1.0, metadata={"help": "w of the 'p_logp' on-policy shaping (LUFFY's on_policy_reshape_weight)."}
+    )
+    on_policy_shaping_exponent: float = field(
+        default=0.5, metadata={"help": "k of the 'pow' on-policy shaping (LUFFY's on_policy_reshape_pow_exp)."}
     )
     on_policy_clip: bool = field(
         default=False,
@@ -314,6 +379,7 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             )
         if self.off_policy_shaping == "luffy" and not self.policy_shaping_gamma > 0:
             raise ValueError(f"policy_shaping_gamma must be > 0, got {self.policy_shaping_gamma!r}.")
+        self._check_shaping()
         if not self.off_policy_column:
             raise ValueError("off_policy_column must name a dataset column (LUFFY's data uses 'target').")
         self._check_guidance()
@@ -321,6 +387,33 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             raise ValueError(
                 "delta (two-sided clipping) only applies to the clipped on-policy objective: set on_policy_clip=True "
                 "or delta=None."
+            )
+
+    def _check_shaping(self) -> None:
+        """Validation of LUFFY's other reshapes and clamps (`compute_token_on_off_policy_loss`'s options)."""
+        import math
+
+        if self.on_policy_shaping not in ON_POLICY_SHAPINGS:
+            raise ValueError(
+                f"on_policy_shaping must be one of {list(ON_POLICY_SHAPINGS)}, got {self.on_policy_shaping!r}."
+            )
+        if self.on_policy_shaping == "luffy" and not self.on_policy_shaping_gamma > 0:
+            raise ValueError(f"on_policy_shaping_gamma must be > 0, got {self.on_policy_shaping_gamma!r}.")
+        for name in ("off_policy_shaping_exponent", "on_policy_shaping_exponent"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        for name in ("off_policy_max_clip", "off_policy_min_clip", "max_token_prob"):
+            value = getattr(self, name)
+            if value is not None and value == -1:
+                raise ValueError(f"{name}=-1 is LUFFY's 'disabled'; here write {name}=None (the default).")
+        low, high = self.off_policy_min_clip, self.off_policy_max_clip
+        if low is not None and high is not None and not low < high:
+            raise ValueError(f"off_policy_min_clip ({low}) must be smaller than off_policy_max_clip ({high}).")
+        if self.max_token_prob is not None and not 0 < self.max_token_prob <= 1:
+            raise ValueError(
+                f"max_token_prob must be in (0, 1] (a probability above which tokens are dropped), got "
+                f"{self.max_token_prob!r}."
             )
 
     def _check_guidance(self) -> None:

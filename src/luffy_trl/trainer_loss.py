@@ -100,10 +100,21 @@ class MixedLossMixin:
             teacher_per_token_logps=inputs.get(TEACHER_LOGPS),
             off_policy_weight=off_policy_weight,
             off_policy_loss=self.args.off_policy_loss,
+            shaping_weight=self.args.off_policy_shaping_weight,
+            shaping_exponent=self.args.off_policy_shaping_exponent,
+            off_policy_max_clip=self.args.off_policy_max_clip,
+            off_policy_min_clip=self.args.off_policy_min_clip,
+            max_token_prob=self.args.max_token_prob,
+            on_policy_shaping=self.args.on_policy_shaping,
+            on_policy_gamma=self.args.on_policy_shaping_gamma,
+            on_policy_weight=self.args.on_policy_shaping_weight,
+            on_policy_exponent=self.args.on_policy_shaping_exponent,
         )
         per_token_loss = losses.per_token_loss * weights
         # "RL w/ SFT loss": the policy-gradient term covers on-policy tokens only; teacher tokens get the NLL below.
         pg_mask = mask * (~off_rows) if sft else mask
+        if self.args.max_token_prob is not None:  # dropped tokens leave the normaliser's token count (LUFFY)
+            pg_mask = pg_mask * losses.kept
 
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
@@ -171,6 +182,12 @@ class MixedLossMixin:
                 terms["off_policy/sft_nll"] = (-per_token_logps, off_mask)
             else:
                 terms["off_policy/shaping_weight_mean"] = (losses.shaping_weight, off_mask)
+                if self.args.off_policy_max_clip is not None:
+                    terms["off_policy/max_clip_fraction"] = (losses.off_max_clipped.float(), off_mask)
+                if self.args.off_policy_min_clip is not None:
+                    terms["off_policy/min_clip_fraction"] = (losses.off_min_clipped.float(), off_mask)
+        if self.args.max_token_prob is not None:
+            terms["dropped_token_fraction"] = ((~losses.kept).float(), mask)
         sums = torch.stack([(x.detach() * m).sum().float() for x, m in terms.values()]
                            + [m.sum().float() for _, m in terms.values()])
         sums = self.accelerator.reduce(sums, reduction="sum")
