@@ -255,10 +255,22 @@ def test_mask_truncated_completions_never_drops_teacher_rows(tokenizer, tmp_path
         processing_class=tokenizer,
         args=tiny_args(tmp_path, max_completion_length=6, mask_truncated_completions=True, max_steps=1),
     )
+    generated_lengths = []
+    mask_rows = trainer._mask_truncated_on_policy_rows
+
+    def record_lengths(output):
+        generated_lengths.append(output["completion_mask"].sum(1).float())
+        return mask_rows(output)
+
+    trainer._mask_truncated_on_policy_rows = record_lengths
     trainer._generate_and_score_completions = capture.__get__(trainer)
     trainer.train()
     out = captured[0]
     off = out["is_off_policy"]
+    # on_policy/completion_length_mean: lengths as generated, masked (truncated) rows included with their length
+    expected = generated_lengths[0][~off].mean().item()
+    assert trainer.state.log_history[0]["on_policy/completion_length_mean"] == pytest.approx(expected)
+    assert expected > out["completion_mask"][~off].sum(1).float().mean().item()
     assert off.any()
     assert torch.all(out["completion_mask"][off].sum(1) == 6)  # truncated teacher traces still train
     assert trainer.state.log_history[0]["off_policy/truncated"] == off.sum().item()
@@ -282,7 +294,8 @@ def test_fake_vllm_sampling_logprobs_give_teacher_rows_ratio_one(tokenizer, tmp_
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_vllm)
     trainer = MixedPolicyGRPOTrainer(
         model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=math_dataset(),
-        processing_class=tokenizer, args=tiny_args(tmp_path, max_completion_length=40, max_steps=1),
+        processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_completion_length=20, max_steps=1, mask_truncated_completions=True),
     )
     trainer.use_vllm = True  # the trainer-side vLLM code paths, with generation faked above
     trainer.vllm_importance_sampling_correction = True
@@ -295,6 +308,20 @@ def test_fake_vllm_sampling_logprobs_give_teacher_rows_ratio_one(tokenizer, tmp_
     ratio = out["importance_sampling_ratio"]
     assert torch.all(ratio[off] == 1.0)
     assert not torch.all(ratio[~off][mask[~off]] == 1.0)
+    # the sampling/* metrics cover the on-policy tokens that train, not the teacher rows' ratio of 1
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("sampling/")}
+    on_tokens = mask & ~off.unsqueeze(1)
+    on_ratio = ratio[on_tokens]
+    delta = (out["old_per_token_logps"] - out["sampling_per_token_logps"]).abs()[on_tokens]
+    assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(on_ratio.mean().item(), rel=1e-6)
+    assert metrics["sampling/importance_sampling_ratio/min"] == pytest.approx(on_ratio.min().item(), rel=1e-6)
+    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(on_ratio.max().item(), rel=1e-6)
+    assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(delta.mean().item(), rel=1e-6)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(delta.max().item(), rel=1e-6)
+    diluted = ratio[mask].mean().item()  # what TRL logs: every row, teacher rows included
+    assert metrics["sampling/importance_sampling_ratio/mean"] != pytest.approx(diluted, rel=1e-4)
+    assert all(len(v) == 1 for k, v in trainer._metrics["train"].items() if k.startswith("sampling/"))
+    assert ((out["completion_mask"].sum(1) == 0) & ~off).any()  # truncated on-policy rows are masked and left out
 
 
 def test_eval_batches_are_on_policy(tokenizer, tmp_path):

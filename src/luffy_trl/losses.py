@@ -107,8 +107,8 @@ class MixedLoss:
     """On-policy ratio r as the loss uses it (after on-policy shaping and `delta` capping); on off-policy rows, the
     shaping's value at logp_old = logp (1 except for the `logp` shapings)."""
     importance_ratio: torch.Tensor
-    """exp(logp − logp_old), uncapped and unshaped (TRL's ratio, used by `use_bias_correction_kl`); exactly 1 on
-    off-policy rows. Detached."""
+    """exp(logp − logp_old), uncapped and unshaped, with gradient (TRL's `coef_1`, used by `use_bias_correction_kl`);
+    the constant 1 on off-policy rows."""
     is_low_clipped: torch.Tensor
     """On-policy tokens whose ratio was clipped below (A < 0); False on off-policy rows and when clip is off."""
     is_high_clipped: torch.Tensor
@@ -185,7 +185,7 @@ def mixed_policy_per_token_loss(
     # that the branch stays finite: torch.where's backward multiplies the unselected branch's gradient by 0, and
     # 0 · inf would be NaN.
     old = torch.where(off, detached, old)
-    importance_ratio = torch.exp(detached - old)
+    importance_ratio = torch.where(off, torch.ones_like(detached), torch.exp(per_token_logps - old))
     ratio = on_policy_ratio(per_token_logps, old, on_policy_shaping, on_policy_gamma, weight=on_policy_weight,
                             exponent=on_policy_exponent)
 

@@ -36,6 +36,8 @@ this process's own rows (whether it holds a teacher row, a trace, a failed group
 - `_mask_truncated_on_policy_rows`: `gather` of the loss-token count, when `mask_truncated_completions` (config).
 - `_log_mixed_batch_metrics`: `gather` of the lengths and of the teacher counters, every training batch with
   `num_off_policy > 0` (the counters are set on every process by `_plan_teacher_rows`).
+- `_log_on_policy_sampling_metrics`: one `gather`, every generation batch with vLLM's importance-sampling correction
+  on (config).
 - `_compute_loss`: `gather` of the policy loss when the entropy bonus is on, of the aux loss when enabled (config);
   `_log_loss_metrics`: one `reduce` and one `gather`, every call.
 - `LuffyEvalCallback`: see `luffy_trl.evaluation.callback`.
@@ -254,6 +256,48 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
         output["completion_mask"] = mask * (~truncated).unsqueeze(1).to(mask.dtype)
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+    def _log_on_policy_sampling_metrics(self, mode: str, output) -> None:
+        """Recompute TRL's `sampling/*` metrics over the tokens they describe: on-policy rows, final loss mask.
+
+        TRL logs them inside `_generate_and_score_completions`, over every row: teacher rows (IS ratio exactly 1)
+        and rows masked afterwards (truncated on-policy rows with `mask_truncated_completions`, teacher rows whose
+        trigger did not fire) dilute them. This replaces the value TRL appended for this batch with the global
+        mean / min / max over the on-policy tokens that train (sums and counts are gathered, so the mean is a token
+        mean over all processes, where TRL averages per-process means). No value when no such token exists.
+        """
+        metrics = self._metrics[mode]
+        mask = (output["completion_mask"] * output.get("tool_mask", 1)).bool()
+        on_rows = ~output[IS_OFF_POLICY]
+        tokens = mask & on_rows.unsqueeze(1)
+        delta = (output["old_per_token_logps"] - output["sampling_per_token_logps"]).abs()
+        valid = tokens & ~torch.isnan(delta)
+        ratio = output["importance_sampling_ratio"]
+        flat = ratio[:, 0][on_rows & mask.any(1)] if ratio.size(1) == 1 else ratio[tokens]
+        inf = torch.tensor(float("inf"), device=delta.device)
+
+        def stats(x):
+            x = x.float()
+            if not x.numel():
+                return [x.new_zeros(()), x.new_zeros(()), inf, -inf]
+            return [x.sum(), x.new_tensor(float(x.numel())), x.min(), x.max()]
+
+        local = torch.stack(stats(delta[valid]) + stats(flat)).unsqueeze(0)
+        table = self.accelerator.gather(local)  # (processes, 8)
+        sums, counts = table[:, [0, 4]].sum(0), table[:, [1, 5]].sum(0)
+        lows, highs = table[:, [2, 6]].min(0).values, table[:, [3, 7]].max(0).values
+        values = {
+            "sampling/sampling_logp_difference/mean": (0, sums[0] / counts[0].clamp(min=1)),
+            "sampling/sampling_logp_difference/max": (0, highs[0]),
+            "sampling/importance_sampling_ratio/min": (1, lows[1]),
+            "sampling/importance_sampling_ratio/mean": (1, sums[1] / counts[1].clamp(min=1)),
+            "sampling/importance_sampling_ratio/max": (1, highs[1]),
+        }
+        for name, (which, value) in values.items():
+            if metrics.get(name):
+                metrics[name].pop()  # TRL's value for this batch
+            if counts[which] > 0:
+                metrics[name].append(value.item())
 
     def _log_mixed_batch_metrics(self, output) -> None:
         metrics = self._metrics["train"]

@@ -119,8 +119,8 @@ class MixedLossMixin:
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:  # the rollout ratio exists for on-policy rows only
-                per_token_kl = per_token_kl * losses.ratio
+            if self.args.use_bias_correction_kl:  # TRL's uncapped, unshaped exp(logp − old); 1 on teacher rows
+                per_token_kl = per_token_kl * losses.importance_ratio
             per_token_loss = per_token_loss + self.beta * per_token_kl
 
         loss = aggregate_loss(
