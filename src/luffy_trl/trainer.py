@@ -48,6 +48,7 @@ process holds no teacher row, a schedule leaves groups without one, or a trace i
 from __future__ import annotations
 
 import logging
+import textwrap
 
 import torch
 from accelerate.utils import gather
@@ -94,6 +95,21 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
 
     _tag_names = ["trl", "grpo", "luffy"]
     _name = "MixedPolicyGRPO"
+    # TRL's model card (`create_model_card`, `push_to_hub`) names the method's paper and prints `citation` under
+    # "Cite MixedPolicyGRPO as": LUFFY's paper, then GRPO's entry, which TRL's GRPOTrainer cites.
+    _paper = {
+        "title": "Learning to Reason under Off-Policy Guidance",
+        "id": "2504.14945",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{yan2025learning,
+                title        = {{Learning to Reason under Off-Policy Guidance}},
+                author       = {Jianhao Yan and Yafu Li and Zican Hu and Zhi Wang and Ganqu Cui and Xiaoye Qu and
+                                Yu Cheng and Yue Zhang},
+                year         = 2025,
+                eprint       = {arXiv:2504.14945},
+            }""") + "\n\n" + GRPOTrainer._paper["citation"],
+    }
 
     def __init__(self, model, reward_funcs=None, args: MixedPolicyGRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, **kwargs):
