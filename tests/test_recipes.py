@@ -68,7 +68,7 @@ def test_paper_recipe_matches_luffy_geometry():
     assert args.per_device_train_batch_size * args.steps_per_generation * gpus == 128 * 8  # rollout
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 64 * 8  # mini-batch
     assert (args.num_generations, args.num_off_policy, args.policy_shaping_gamma) == (8, 1, 0.1)
-    assert (args.loss_type, args.scale_rewards, args.entropy_coef, args.beta) == ("dr_grpo", "none", 0.001, 0.0)
+    assert (args.loss_type, args.scale_rewards, args.entropy_coef, args.beta) == ("luffy", "none", 0.001, 0.0)
     assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (1e-6, 0.01, 1.0)
     assert args.max_completion_length == 8192 and args.on_policy_clip is False
 

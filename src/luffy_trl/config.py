@@ -335,7 +335,9 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     loss_type: str = field(
         default=_default("loss_type"),
         metadata=_inherited_help(
-            "loss_type", "Loss normaliser: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (others are rejected)."
+            "loss_type", "Loss normaliser: 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'luffy' (LUFFY's exact scale: "
+            "Σℓ/max_completion_length per micro-batch and the entropy bonus per micro-batch, neither divided by "
+            "rows nor by gradient accumulation; the paper recipes use it). Others are rejected."
         ),
     )
     scale_rewards: str = field(

@@ -25,7 +25,10 @@ import torch
 SHAPING_FUNCTIONS = ("luffy", "none", "logp", "p_logp", "square_root", "pow")
 # LUFFY's on_policy_reshape: no_reshape -> "none", p_div_p_<γ> -> "luffy" (f(p)/f(p_old)), the others by name.
 ON_POLICY_SHAPINGS = ("none", "luffy", "logp", "p_logp", "square_root", "pow")
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luffy")
+# Loss types whose extra per-micro-batch terms (entropy bonus, SFT term, aux loss) are not divided by gradient
+# accumulation: LUFFY sums its micro-batch losses (`mix_actor.py`).
+SUMMED_LOSS_TYPES = ("luffy",)
 
 
 def shaping_function(per_token_logps: torch.Tensor, shaping: str = "luffy", gamma: float = 0.1, *,
@@ -270,6 +273,10 @@ def aggregate_loss(
     * `bnpo`:    Σ ℓ·m / Σ m over the micro-batch, ÷ GA
     * `dr_grpo`: Σ ℓ·m / (B · max_completion_length), ÷ GA   (LUFFY: Σ / 8192, up to the constant B·GA)
     * `dapo`:    Σ ℓ·m / (num_items_in_batch / num_processes · GA / steps_per_generation)  (global token mean)
+    * `luffy`:   Σ ℓ·m / max_completion_length, with no ÷B and no ÷GA: LUFFY's exact scale. Summed over the K
+      micro-batches of an optimiser step (and averaged over processes by DDP/FSDP/ZeRO), the policy term is
+      Σ_{tokens of the process's step} ℓ / max_len, as in LUFFY's `loss_remove_token_mean=True` actor. Not one of
+      TRL's; the trainer then also leaves the entropy bonus undivided (`SUMMED_LOSS_TYPES`).
 
     GA is 1 outside training.
     """
@@ -283,6 +290,10 @@ def aggregate_loss(
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length.")
         return masked.sum() / (per_token_loss.size(0) * max_completion_length) / ga
+    if loss_type == "luffy":
+        if max_completion_length is None:
+            raise ValueError("luffy needs max_completion_length.")
+        return masked.sum() / max_completion_length
     if loss_type == "dapo":
         if num_items_in_batch is None:
             raise ValueError("dapo needs num_items_in_batch.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import nanmax, nanmin
 
-from luffy_trl.losses import aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
+from luffy_trl.losses import SUMMED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
 from luffy_trl.trainer_generation import IS_OFF_POLICY, TEACHER_LOGPS
 
 
@@ -20,9 +20,9 @@ class MixedLossMixin:
         """One forward pass, LUFFY's per-token loss (`luffy_trl.losses`), TRL's normalisers and extra terms.
 
         Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for the token-level loss types it supports
-        (grpo, bnpo, dr_grpo, dapo): same forward call, KL, entropy bonus, entropy mask, off-policy sequence mask
-        (OPSM), vLLM importance-sampling ratio and metrics; teacher rows get the shaped objective and are exempt from
-        clipping, OPSM, the entropy mask and the vLLM IS ratio.
+        (grpo, bnpo, dr_grpo, dapo; plus luffy-trl's `luffy`, LUFFY's exact scale): same forward call, KL, entropy
+        bonus, entropy mask, off-policy sequence mask (OPSM), vLLM importance-sampling ratio and metrics; teacher rows
+        get the shaped objective and are exempt from clipping, OPSM, the entropy mask and the vLLM IS ratio.
         """
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -136,6 +136,8 @@ class MixedLossMixin:
         )
         policy_loss = loss.detach()
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type in SUMMED_LOSS_TYPES:  # LUFFY sums micro-batch losses: Σ_k (pg_k − coef·H̄_k)
+            accumulation = 1.0
         if self._entropy_bonus_enabled:
             # Entropy bonus = mean token entropy over the tokens the policy term acts on, scaled only for gradient
             # accumulation (TRL's definition, L = L_policy − coef · H).
