@@ -4,6 +4,7 @@ fresh virtual environment outside the repository (no checkout needed)."""
 import os
 import pathlib
 import shutil
+import site
 import subprocess
 import sys
 
@@ -39,6 +40,18 @@ def test_names_and_paths_resolve(tmp_path, capsys):
     assert main(["frobnicate"]) == 2
 
 
+def can_build_without_isolation() -> bool:
+    """pyproject's build requirements (setuptools>=68, wheel) are installed, so the wheel builds offline."""
+    try:
+        import setuptools
+        import wheel  # noqa: F401
+    except ImportError:
+        return False
+    from packaging.version import Version
+
+    return Version(setuptools.__version__) >= Version("68")
+
+
 @pytest.mark.slow
 def test_wheel_in_a_fresh_venv_lists_recipes_and_trains(tmp_path):
     """Build a wheel, install it (no deps) into `python -m venv --system-site-packages` outside the repository, then
@@ -52,13 +65,18 @@ def test_wheel_in_a_fresh_venv_lists_recipes_and_trains(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     pip = [sys.executable, "-m", "pip"]
     run = dict(env=env, capture_output=True, text=True, timeout=240)
-    result = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
-                             str(src)], **run)
+    build = ["--no-build-isolation"] if can_build_without_isolation() else []  # else pip fetches setuptools, wheel
+    result = subprocess.run([*pip, "wheel", "--no-deps", *build, "-q", "-w", str(tmp_path / "dist"), str(src)], **run)
     assert result.returncode == 0, result.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("luffy_trl-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # The dependencies (torch, trl, ...) live in this test's environment, which may itself be a virtual environment
+    # (CI's): make its site-packages visible too, after the new environment's own (where the wheel goes).
+    venv_site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    (pathlib.Path(venv_site) / "_parent_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     result = subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "-q", str(wheel)], **run)
     assert result.returncode == 0, result.stderr[-2000:]
 
