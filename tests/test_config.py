@@ -15,7 +15,9 @@ NEW_FIELDS = ["num_off_policy", "off_policy_column", "policy_shaping_gamma", "of
               "success_reward_threshold", "off_policy_trigger", "off_policy_trigger_threshold", "off_policy_schedule",
               "off_policy_schedule_target", "off_policy_schedule_start", "off_policy_schedule_end",
               "off_policy_schedule_warmup_steps", "off_policy_schedule_decay_steps", "off_policy_trace_selection",
-              "off_policy_logprobs_column", "off_policy_loss", "sft_loss_coef"]
+              "off_policy_logprobs_column", "off_policy_loss", "sft_loss_coef", "off_policy_shaping_weight",
+              "off_policy_shaping_exponent", "off_policy_max_clip", "off_policy_min_clip", "max_token_prob",
+              "on_policy_shaping", "on_policy_shaping_gamma", "on_policy_shaping_weight", "on_policy_shaping_exponent"]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = ROOT / "examples" / "recipes" / "demo_cpu.yaml"
+DEMO = ROOT / "src" / "luffy_trl" / "configs" / "recipes" / "demo_cpu.yaml"
 SMALL = ["--demo_train_rows", "64", "--demo_heldout_rows", "8",
          "--per_device_train_batch_size", "16"]
 

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "examples" / "recipes").glob("*.yaml"))
-ACCELERATE = sorted((ROOT / "examples" / "accelerate").glob("*.yaml"))
+CONFIGS = ROOT / "src" / "luffy_trl" / "configs"
+RECIPES = sorted((CONFIGS / "recipes").glob("*.yaml"))
+ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 
 
 def load_script():
@@ -21,8 +22,10 @@ def load_script():
 
 
 def parse_recipe(path, *extra):
+    from luffy_trl.configs import recipe_path
+
     script = load_script()
-    return script.make_parser().parse_args_and_config(["--config", str(path), *extra])
+    return script.make_parser().parse_args_and_config(["--config", str(recipe_path(str(path))), *extra])
 
 
 def test_every_recipe_is_listed():
@@ -49,26 +52,26 @@ def test_recipe_parses_with_known_fields(path):
 
 def test_unknown_field_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "examples" / "recipes" / "demo_cpu.yaml").read_text() + "\nnum_off_polcy: 2\n")
+    bad.write_text((CONFIGS / "recipes" / "demo_cpu.yaml").read_text() + "\nnum_off_polcy: 2\n")
     with pytest.raises(ValueError, match="num_off_polcy"):
         parse_recipe(bad)
 
 
 def test_invalid_value_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "examples" / "recipes" / "demo_cpu.yaml").read_text().replace(
+    bad.write_text((CONFIGS / "recipes" / "demo_cpu.yaml").read_text().replace(
         "num_off_policy: 1", "num_off_policy: 8"))
     with pytest.raises(ValueError, match="must be smaller than num_generations"):
         parse_recipe(bad)
 
 
 def test_paper_recipe_matches_luffy_geometry():
-    _, args, _ = parse_recipe(ROOT / "examples" / "recipes" / "qwen2.5-math-7b.yaml", "--use_cpu", "true")
+    _, args, _ = parse_recipe("qwen2.5-math-7b", "--use_cpu", "true")
     gpus = 8
     assert args.per_device_train_batch_size * args.steps_per_generation * gpus == 128 * 8  # rollout
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps * gpus == 64 * 8  # mini-batch
     assert (args.num_generations, args.num_off_policy, args.policy_shaping_gamma) == (8, 1, 0.1)
-    assert (args.loss_type, args.scale_rewards, args.entropy_coef, args.beta) == ("dr_grpo", "none", 0.001, 0.0)
+    assert (args.loss_type, args.scale_rewards, args.entropy_coef, args.beta) == ("luffy", "none", 0.001, 0.0)
     assert (args.learning_rate, args.weight_decay, args.max_grad_norm) == (1e-6, 0.01, 1.0)
     assert args.max_completion_length == 8192 and args.on_policy_clip is False
 

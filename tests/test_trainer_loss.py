@@ -223,3 +223,27 @@ def test_teacher_rows_reuse_trls_fused_forward_without_full_logits(tokenizer, tm
     with detector.mode:
         independent_logps(model, inputs)
     assert detector.largest >= full_logits
+
+
+def test_bias_correction_kl_uses_trls_uncapped_ratio(tokenizer, tmp_path):
+    """`use_bias_correction_kl` multiplies the KL by exp(logp − old), not by the `delta`-capped ratio (as TRL)."""
+    trainer = make_trainer(tokenizer, tmp_path, loss_type="bnpo", on_policy_clip=True, delta=1.05)
+    trainer.beta = 0.04
+    trainer.args.use_bias_correction_kl = True
+    model = trainer.model
+    inputs = make_inputs(len(tokenizer), off=(False,) * B)
+    with torch.no_grad():
+        old, _ = independent_logps(model, inputs)
+    g = torch.Generator().manual_seed(5)
+    inputs["old_per_token_logps"] = old + 0.3 * torch.randn(old.shape, generator=g)
+    inputs["ref_per_token_logps"] = old + 0.1 * torch.randn(old.shape, generator=g)
+    assert (torch.exp(old - inputs["old_per_token_logps"]) > 1.05).any()  # the cap acts on this batch
+    ours = trainer._compute_loss(model, inputs)
+    our_grads = grads_of(model, ours)
+    our_kl = trainer._metrics["train"]["kl"][-1]
+    stock = GRPOTrainer._compute_loss(trainer, model, {k: v for k, v in inputs.items() if k != "is_off_policy"})
+    stock_grads = grads_of(model, stock)
+    assert ours.item() == pytest.approx(stock.item(), rel=1e-6, abs=1e-8)
+    assert our_kl == pytest.approx(trainer._metrics["train"]["kl"][-1], rel=1e-6)
+    for name in stock_grads:
+        torch.testing.assert_close(our_grads[name], stock_grads[name], rtol=1e-5, atol=1e-8, msg=name)

@@ -89,6 +89,54 @@ def test_num_off_policy_zero_equals_stock_grpo_trainer(tokenizer, tmp_path):
         torch.testing.assert_close(p_ours, p_stock, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
+def test_unclipped_ratio_is_not_plain_grpo_and_warns(tokenizer, tmp_path, caplog):
+    """With two updates per generation batch the on-policy ratio leaves 1: `num_off_policy=0` equals stock GRPO only
+    with `on_policy_clip=True`; with the default (no clip) parameters differ and the trainer says so once."""
+    from luffy_trl.config import on_policy_ratio_departures
+
+    common = dict(
+        use_cpu=True, bf16=False, gradient_checkpointing=False, per_device_train_batch_size=8, num_generations=4,
+        max_completion_length=12, max_steps=3, learning_rate=5e-2, report_to="none", save_strategy="no",
+        logging_steps=1, seed=0, disable_tqdm=True, loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.0,
+        weight_decay=0.0, lr_scheduler_type="constant", num_iterations=2, gradient_accumulation_steps=2,
+    )
+    stock = GRPOTrainer(model=build_model(tokenizer), reward_funcs=varied_reward,
+                        args=GRPOConfig(output_dir=str(tmp_path / "stock"), **common), train_dataset=math_dataset(),
+                        processing_class=tokenizer)
+    stock.train()
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        clipped = train(tokenizer, tmp_path / "clip", varied_reward, num_off_policy=0, on_policy_clip=True, **common)
+    assert "on_policy_clip=False" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        unclipped = train(tokenizer, tmp_path / "noclip", varied_reward, num_off_policy=0, **common)
+    warnings = [r for r in caplog.records if "on_policy_clip=False" in r.getMessage()]
+    assert len(warnings) == 1 and "NOT TRL's GRPO" in warnings[0].getMessage()
+    assert on_policy_ratio_departures(unclipped.args)
+    assert any(h.get("clip_ratio/region_mean", 0) > 0 for h in clipped.state.log_history)  # the clip acted
+    diff = 0.0
+    for (name, p_stock), (_, p_clip), (_, p_free) in zip(stock.model.named_parameters(),
+                                                          clipped.model.named_parameters(),
+                                                          unclipped.model.named_parameters()):
+        torch.testing.assert_close(p_clip, p_stock, rtol=1e-5, atol=1e-6, msg=name)
+        diff = max(diff, (p_free - p_stock).abs().max().item())
+    assert diff > 1e-4
+
+
+def test_ratio_departures_follow_trls_rule():
+    from luffy_trl import MixedPolicyGRPOConfig
+    from luffy_trl.config import on_policy_ratio_departures
+
+    def reasons(**kw):
+        return on_policy_ratio_departures(MixedPolicyGRPOConfig(output_dir="x", use_cpu=True, bf16=False, **kw))
+
+    assert reasons() == []
+    assert reasons(gradient_accumulation_steps=4) == []  # steps_per_generation defaults to GA: one step per batch
+    assert reasons(num_iterations=2)
+    assert reasons(gradient_accumulation_steps=2, steps_per_generation=4)
+    assert reasons(use_vllm=True) and reasons(use_vllm=True, vllm_importance_sampling_correction=False) == []
+
+
 def test_training_changes_every_parameter(tokenizer, tmp_path):
     model = build_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -207,10 +255,22 @@ def test_mask_truncated_completions_never_drops_teacher_rows(tokenizer, tmp_path
         processing_class=tokenizer,
         args=tiny_args(tmp_path, max_completion_length=6, mask_truncated_completions=True, max_steps=1),
     )
+    generated_lengths = []
+    mask_rows = trainer._mask_truncated_on_policy_rows
+
+    def record_lengths(output):
+        generated_lengths.append(output["completion_mask"].sum(1).float())
+        return mask_rows(output)
+
+    trainer._mask_truncated_on_policy_rows = record_lengths
     trainer._generate_and_score_completions = capture.__get__(trainer)
     trainer.train()
     out = captured[0]
     off = out["is_off_policy"]
+    # on_policy/completion_length_mean: lengths as generated, masked (truncated) rows included with their length
+    expected = generated_lengths[0][~off].mean().item()
+    assert trainer.state.log_history[0]["on_policy/completion_length_mean"] == pytest.approx(expected)
+    assert expected > out["completion_mask"][~off].sum(1).float().mean().item()
     assert off.any()
     assert torch.all(out["completion_mask"][off].sum(1) == 6)  # truncated teacher traces still train
     assert trainer.state.log_history[0]["off_policy/truncated"] == off.sum().item()
@@ -234,7 +294,8 @@ def test_fake_vllm_sampling_logprobs_give_teacher_rows_ratio_one(tokenizer, tmp_
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", fake_vllm)
     trainer = MixedPolicyGRPOTrainer(
         model=build_model(tokenizer), reward_funcs=contains_answer_reward, train_dataset=math_dataset(),
-        processing_class=tokenizer, args=tiny_args(tmp_path, max_completion_length=40, max_steps=1),
+        processing_class=tokenizer,
+        args=tiny_args(tmp_path, max_completion_length=20, max_steps=1, mask_truncated_completions=True),
     )
     trainer.use_vllm = True  # the trainer-side vLLM code paths, with generation faked above
     trainer.vllm_importance_sampling_correction = True
@@ -247,6 +308,20 @@ def test_fake_vllm_sampling_logprobs_give_teacher_rows_ratio_one(tokenizer, tmp_
     ratio = out["importance_sampling_ratio"]
     assert torch.all(ratio[off] == 1.0)
     assert not torch.all(ratio[~off][mask[~off]] == 1.0)
+    # the sampling/* metrics cover the on-policy tokens that train, not the teacher rows' ratio of 1
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("sampling/")}
+    on_tokens = mask & ~off.unsqueeze(1)
+    on_ratio = ratio[on_tokens]
+    delta = (out["old_per_token_logps"] - out["sampling_per_token_logps"]).abs()[on_tokens]
+    assert metrics["sampling/importance_sampling_ratio/mean"] == pytest.approx(on_ratio.mean().item(), rel=1e-6)
+    assert metrics["sampling/importance_sampling_ratio/min"] == pytest.approx(on_ratio.min().item(), rel=1e-6)
+    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(on_ratio.max().item(), rel=1e-6)
+    assert metrics["sampling/sampling_logp_difference/mean"] == pytest.approx(delta.mean().item(), rel=1e-6)
+    assert metrics["sampling/sampling_logp_difference/max"] == pytest.approx(delta.max().item(), rel=1e-6)
+    diluted = ratio[mask].mean().item()  # what TRL logs: every row, teacher rows included
+    assert metrics["sampling/importance_sampling_ratio/mean"] != pytest.approx(diluted, rel=1e-4)
+    assert all(len(v) == 1 for k, v in trainer._metrics["train"].items() if k.startswith("sampling/"))
+    assert ((out["completion_mask"].sum(1) == 0) & ~off).any()  # truncated on-policy rows are masked and left out
 
 
 def test_eval_batches_are_on_policy(tokenizer, tmp_path):

@@ -87,3 +87,17 @@ def test_vllm_server_generation_still_dedupes_by_position_and_slices_equally():
                      "accelerator.process_index * len(prompts)", "local_rank_in_group * orig_size"]:
         assert fragment in source, fragment
     assert "num_generations=num_generations" in inspect.getsource(GRPOTrainer._generate_single_turn)
+
+
+def test_trl_sampling_metrics_and_rules_we_rely_on():
+    """`_log_on_policy_sampling_metrics` replaces the one value TRL appends per batch to these metrics, and
+    `on_policy_ratio_departures` follows TRL's rule for computing rollout log-probs; the model card reads `_paper`."""
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for name in ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+                 "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                 "sampling/importance_sampling_ratio/max"):
+        assert f'self._metrics[mode]["{name}"].append(' in source, name
+    assert "self.args.gradient_accumulation_steps % generate_every != 0" in source
+    assert "generate_every = self.args.steps_per_generation * self.num_iterations" in source
+    assert {"title", "id", "citation"} <= set(GRPOTrainer._paper)
+    assert GRPOTrainer.loss_is_scaled_for_ga is True  # loss_type="luffy" sums micro-batches: no ÷GA anywhere

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from luffy_trl.guidance import OFF_POLICY_LOSSES, SCHEDULE_TARGETS, SCHEDULES, TRACE_SELECTIONS, TRIGGERS
-from luffy_trl.losses import SHAPING_FUNCTIONS
+from luffy_trl.losses import ON_POLICY_SHAPINGS, SHAPING_FUNCTIONS
 
 # Inherited GRPOConfig fields whose default luffy-trl changes to match LUFFY's released headline run
 # (`exp_scripts/train.sh` of ElliottYan/LUFFY; see docs/configuration.md for the full mapping and the reasons).
@@ -42,6 +42,28 @@ LUFFY_MATCHING_TRL_DEFAULTS: dict[str, tuple[object, str]] = {
 }
 
 
+def on_policy_ratio_departures(args) -> list[str]:
+    """Why the on-policy ratio r = exp(logp − logp_old) can differ from 1 under `args` ([] when it is exactly 1).
+
+    TRL 1.16 computes rollout log-probs (so r is not identically 1) when generation and optimiser steps are not
+    aligned, `gradient_accumulation_steps % (steps_per_generation · num_iterations) != 0`, or when vLLM's
+    importance-sampling correction is on (the trainer re-scores vLLM's samples; r then differs from 1 by numerical
+    noise at the first update and by the policy change at later ones). With `on_policy_clip=False` that r is used
+    unclipped, so `num_off_policy=0` is then not TRL's (clipped) GRPO.
+    """
+    reasons = []
+    ga = args.gradient_accumulation_steps
+    spg = args.steps_per_generation or ga
+    if ga % (spg * args.num_iterations):
+        reasons.append(
+            f"gradient_accumulation_steps={ga} is not a multiple of steps_per_generation × num_iterations = "
+            f"{spg} × {args.num_iterations} (several optimiser steps per generation batch)"
+        )
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        reasons.append("use_vllm with vllm_importance_sampling_correction (the trainer re-scores vLLM's samples)")
+    return reasons
+
+
 def _default(name: str):
     return LUFFY_DEFAULTS[name][0]
 
@@ -59,8 +81,10 @@ class MixedPolicyGRPOConfig(GRPOConfig):
 
     Parameters (new):
         num_off_policy (`int`, defaults to `1`):
-            Slots of each group filled with off-policy (teacher) completions from `off_policy_column`. `0` is plain
-            GRPO. Must be smaller than `num_generations`.
+            Slots of each group filled with off-policy (teacher) completions from `off_policy_column`. `0` with
+            `on_policy_clip=True` is TRL's GRPO exactly; with the default `on_policy_clip=False` it is GRPO without
+            the clip, which equals it only while the on-policy ratio is exactly 1 (see `on_policy_ratio_departures`).
+            Must be smaller than `num_generations`.
         off_policy_column (`str`, defaults to `"target"`):
             Dataset column holding the teacher completion: a string, LUFFY's list of
             `{"role": "assistant", "content": ...}` messages, or a list of several strings (teacher slot `j` of a group
@@ -71,11 +95,35 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             γ of LUFFY's policy shaping f(p) = p / (p + γ).
         off_policy_shaping (`str`, defaults to `"luffy"`):
             Per-token objective on teacher tokens: `"luffy"` = −A·p/(p+γ) (LUFFY), `"none"` = −A·p (the paper's
-            "no shaping" ablation, π_φ = 1), `"logp"` = −A·log p (SFT-like, advantage-weighted log-likelihood).
+            "no shaping" ablation, π_φ = 1), `"logp"` = −A·w·log p (SFT-like, advantage-weighted log-likelihood),
+            `"p_logp"` = −A·(p + w·log p), `"square_root"` = −A·√p, `"pow"` = −A·p^k (LUFFY's `off_policy_reshape`).
+        off_policy_shaping_weight (`float`, defaults to `1.0`):
+            w of the `"logp"` and `"p_logp"` shapings (LUFFY's `off_policy_reshape_weight`).
+        off_policy_shaping_exponent (`float`, defaults to `0.5`):
+            k of the `"pow"` shaping (LUFFY's `off_policy_reshape_pow_exp`).
+        off_policy_max_clip (`float` or `None`, defaults to `None`):
+            Clamp the shaped weight f(p) of teacher tokens from above (no gradient where clamped; LUFFY's
+            `off_policy_max_clip`, −1 there = `None`).
+        off_policy_min_clip (`float` or `None`, defaults to `None`):
+            Clamp f(p) of teacher tokens from below (LUFFY's `off_policy_min_clip`).
+        max_token_prob (`float` or `None`, defaults to `None`):
+            Drop every completion token (on- and off-policy) whose current probability exceeds this from the
+            policy loss and from the normaliser's token count (LUFFY's `all_max_clip`).
+        on_policy_shaping (`str`, defaults to `"none"`):
+            The on-policy ratio r in −A·r, with d = logp − logp_old: `"none"` exp(d) (PPO/GRPO), `"luffy"`
+            f(p)/f(p_old) with f(p) = p/(p+γ_on), `"logp"` d, `"p_logp"` exp(d) + w·d, `"square_root"` exp(d)^½,
+            `"pow"` exp(d)^k (LUFFY's `on_policy_reshape`; the clip, when on, acts on this r).
+        on_policy_shaping_gamma (`float`, defaults to `0.1`):
+            γ_on of the `"luffy"` on-policy shaping (LUFFY's `p_div_p_0.1` / `p_div_p_0.5`).
+        on_policy_shaping_weight (`float`, defaults to `1.0`):
+            w of the `"p_logp"` on-policy shaping (LUFFY's `on_policy_reshape_weight`).
+        on_policy_shaping_exponent (`float`, defaults to `0.5`):
+            k of the `"pow"` on-policy shaping (LUFFY's `on_policy_reshape_pow_exp`).
         on_policy_clip (`bool`, defaults to `False`):
             Clip the on-policy ratio with `epsilon`/`epsilon_high` (PPO/GRPO). LUFFY's released script removes the
             clip (`loss_remove_clip=True`), the paper keeps it; the default follows the released code. With one
-            optimiser step per generation batch (TRL's default geometry) the ratio is exactly 1 and both agree.
+            optimiser step per generation batch (TRL's default geometry, `num_iterations=1`, no vLLM) the ratio is
+            exactly 1 and both agree; otherwise the unclipped ratio is used and the trainer warns once.
         success_reward_threshold (`float`, defaults to `1.0`):
             A completion counts as solved when its (weighted) total reward is at least this value. Used by the
             `groups/*` metrics and by `off_policy_trigger`.
@@ -130,7 +178,8 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         metadata={
             "help": "Number of slots of each GRPO group filled with off-policy (teacher) completions taken from "
             "`off_policy_column`. `num_generations` stays the total group size (LUFFY: 8 = 7 on-policy + 1 "
-            "off-policy). 0 is plain GRPO."
+            "off-policy). 0 with on_policy_clip=True is TRL's GRPO exactly; with on_policy_clip=False it is GRPO "
+            "without the clip (identical only while the on-policy ratio is 1)."
         },
     )
     off_policy_column: str = field(
@@ -148,9 +197,51 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         default="luffy",
         metadata={
             "help": "Objective on teacher tokens: 'luffy' (-A·p/(p+γ), LUFFY's policy shaping), 'none' (-A·p, "
-            "the unshaped importance weight with π_φ=1) or 'logp' (-A·log p, SFT-like).",
+            "the unshaped importance weight with π_φ=1), 'logp' (-A·w·log p, SFT-like), 'p_logp' (-A·(p + w·log p)), "
+            "'square_root' (-A·√p) or 'pow' (-A·p^k). LUFFY's off_policy_reshape.",
             "choices": list(SHAPING_FUNCTIONS),
         },
+    )
+    off_policy_shaping_weight: float = field(
+        default=1.0,
+        metadata={"help": "w of the 'logp' and 'p_logp' off-policy shapings (LUFFY's off_policy_reshape_weight)."},
+    )
+    off_policy_shaping_exponent: float = field(
+        default=0.5,
+        metadata={"help": "k of the 'pow' off-policy shaping p^k (LUFFY's off_policy_reshape_pow_exp)."},
+    )
+    off_policy_max_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clamp the shaped weight f(p) of teacher tokens to at most this (no gradient where "
+                          "clamped). None disables (LUFFY's off_policy_max_clip=-1)."},
+    )
+    off_policy_min_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clamp the shaped weight f(p) of teacher tokens to at least this. None disables (LUFFY's "
+                          "off_policy_min_clip=-1)."},
+    )
+    max_token_prob: float | None = field(
+        default=None,
+        metadata={"help": "Drop completion tokens (on- and off-policy) whose current probability exceeds this from "
+                          "the policy loss and the normaliser's token count. None disables (LUFFY's all_max_clip=-1)."},
+    )
+    on_policy_shaping: str = field(
+        default="none",
+        metadata={
+            "help": "On-policy ratio r in -A·r, d = logp - logp_old: 'none' exp(d) (PPO/GRPO), 'luffy' "
+            "f(p)/f(p_old) with f(p) = p/(p+γ_on), 'logp' d, 'p_logp' exp(d) + w·d, 'square_root' exp(d)^0.5, 'pow' "
+            "exp(d)^k. LUFFY's on_policy_reshape; the clip, when on, acts on this r.",
+            "choices": list(ON_POLICY_SHAPINGS),
+        },
+    )
+    on_policy_shaping_gamma: float = field(
+        default=0.1, metadata={"help": "γ_on of the 'luffy' on-policy shaping (LUFFY's on_policy_reshape=p_div_p_<γ>)."}
+    )
+    on_policy_shaping_weight: float = field(
+        default=1.0, metadata={"help": "w of the 'p_logp' on-policy shaping (LUFFY's on_policy_reshape_weight)."}
+    )
+    on_policy_shaping_exponent: float = field(
+        default=0.5, metadata={"help": "k of the 'pow' on-policy shaping (LUFFY's on_policy_reshape_pow_exp)."}
     )
     on_policy_clip: bool = field(
         default=False,
@@ -244,7 +335,9 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     loss_type: str = field(
         default=_default("loss_type"),
         metadata=_inherited_help(
-            "loss_type", "Loss normaliser: 'grpo', 'bnpo', 'dr_grpo' or 'dapo' (others are rejected)."
+            "loss_type", "Loss normaliser: 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'luffy' (LUFFY's exact scale: "
+            "Σℓ/max_completion_length per micro-batch and the entropy bonus per micro-batch, neither divided by "
+            "rows nor by gradient accumulation; the paper recipes use it). Others are rejected."
         ),
     )
     scale_rewards: str = field(
@@ -288,6 +381,7 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             )
         if self.off_policy_shaping == "luffy" and not self.policy_shaping_gamma > 0:
             raise ValueError(f"policy_shaping_gamma must be > 0, got {self.policy_shaping_gamma!r}.")
+        self._check_shaping()
         if not self.off_policy_column:
             raise ValueError("off_policy_column must name a dataset column (LUFFY's data uses 'target').")
         self._check_guidance()
@@ -295,6 +389,33 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             raise ValueError(
                 "delta (two-sided clipping) only applies to the clipped on-policy objective: set on_policy_clip=True "
                 "or delta=None."
+            )
+
+    def _check_shaping(self) -> None:
+        """Validation of LUFFY's other reshapes and clamps (`compute_token_on_off_policy_loss`'s options)."""
+        import math
+
+        if self.on_policy_shaping not in ON_POLICY_SHAPINGS:
+            raise ValueError(
+                f"on_policy_shaping must be one of {list(ON_POLICY_SHAPINGS)}, got {self.on_policy_shaping!r}."
+            )
+        if self.on_policy_shaping == "luffy" and not self.on_policy_shaping_gamma > 0:
+            raise ValueError(f"on_policy_shaping_gamma must be > 0, got {self.on_policy_shaping_gamma!r}.")
+        for name in ("off_policy_shaping_exponent", "on_policy_shaping_exponent"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        for name in ("off_policy_max_clip", "off_policy_min_clip", "max_token_prob"):
+            value = getattr(self, name)
+            if value is not None and value == -1:
+                raise ValueError(f"{name}=-1 is LUFFY's 'disabled'; here write {name}=None (the default).")
+        low, high = self.off_policy_min_clip, self.off_policy_max_clip
+        if low is not None and high is not None and not low < high:
+            raise ValueError(f"off_policy_min_clip ({low}) must be smaller than off_policy_max_clip ({high}).")
+        if self.max_token_prob is not None and not 0 < self.max_token_prob <= 1:
+            raise ValueError(
+                f"max_token_prob must be in (0, 1] (a probability above which tokens are dropped), got "
+                f"{self.max_token_prob!r}."
             )
 
     def _check_guidance(self) -> None:

@@ -3,10 +3,13 @@
 Notation (docs/method.md): for a completion token with current log-probability `logp` (with gradient),
 rollout log-probability `old_logp` and sequence advantage `A`:
 
-* on-policy token:   ℓ = −A · r,  r = exp(logp − old_logp)          (PPO clip optional)
+* on-policy token:   ℓ = −A · r,  r = g(logp, old_logp), by default exp(logp − old_logp)   (PPO clip optional)
 * off-policy token:  ℓ = −A · f(p), p = exp(logp), no clip, π_φ = 1  (LUFFY's policy shaping)
 
-with f(p) = p / (p + γ) (`"luffy"`), f(p) = p (`"none"`, the unshaped ratio) or f = log p (`"logp"`, SFT-like).
+with f(p) = p / (p + γ) (`"luffy"`), f(p) = p (`"none"`, the unshaped ratio) or f = log p (`"logp"`, SFT-like), and
+the other reshapes of LUFFY's `compute_token_on_off_policy_loss` (`p_logp`, `square_root`, `pow`; on-policy
+reshapes through `on_policy_ratio`). Optional clamps of f (LUFFY's `off_policy_max_clip` / `off_policy_min_clip`)
+and a drop of every token whose current probability exceeds a threshold (LUFFY's `all_max_clip`).
 When the teacher's own log-probs are known, p becomes the ratio π_θ/π_φ = exp(logp − logp_teacher).
 The per-token losses are then reduced with one of TRL's normalisers (`aggregate_loss`). The "RL w/ SFT loss"
 baseline replaces the teacher rows' policy-gradient term by a token-mean NLL (`sft_nll_loss`).
@@ -18,16 +21,26 @@ from dataclasses import dataclass
 
 import torch
 
-SHAPING_FUNCTIONS = ("luffy", "none", "logp")
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# LUFFY's off_policy_reshape: no_reshape -> "none", p_div_p_<γ> -> "luffy" with γ, the others by their own name.
+SHAPING_FUNCTIONS = ("luffy", "none", "logp", "p_logp", "square_root", "pow")
+# LUFFY's on_policy_reshape: no_reshape -> "none", p_div_p_<γ> -> "luffy" (f(p)/f(p_old)), the others by name.
+ON_POLICY_SHAPINGS = ("none", "luffy", "logp", "p_logp", "square_root", "pow")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luffy")
+# Loss types whose extra per-micro-batch terms (entropy bonus, SFT term, aux loss) are not divided by gradient
+# accumulation: LUFFY sums its micro-batch losses (`mix_actor.py`).
+SUMMED_LOSS_TYPES = ("luffy",)
 
 
-def shaping_function(per_token_logps: torch.Tensor, shaping: str = "luffy", gamma: float = 0.1) -> torch.Tensor:
+def shaping_function(per_token_logps: torch.Tensor, shaping: str = "luffy", gamma: float = 0.1, *,
+                     weight: float = 1.0, exponent: float = 0.5) -> torch.Tensor:
     """f applied to the current-policy probability of off-policy tokens; differentiable through `per_token_logps`.
 
-    `"luffy"`: p/(p+γ), bounded by 1/(1+γ); its gradient is γp/(p+γ)² · ∇log p, largest (1/(4γ)·γ = 1/4) at p = γ.
-    `"none"`:  p (the importance weight π_θ/π_φ with π_φ = 1); gradient p · ∇log p vanishes for unlikely tokens.
-    `"logp"`:  log p; gradient ∇log p (weight 1), i.e. advantage-weighted maximum likelihood.
+    `"luffy"`:       p/(p+γ), bounded by 1/(1+γ); its gradient is γp/(p+γ)² · ∇log p, largest (1/4) at p = γ.
+    `"none"`:        p (the importance weight π_θ/π_φ with π_φ = 1); gradient p · ∇log p vanishes for unlikely tokens.
+    `"logp"`:        w · log p; gradient w · ∇log p, i.e. advantage-weighted maximum likelihood (w = `weight`).
+    `"p_logp"`:      p + w · log p.
+    `"square_root"`: √p.
+    `"pow"`:         p^k (k = `exponent`).
     """
     if shaping == "luffy":
         probs = per_token_logps.exp()
@@ -35,19 +48,57 @@ def shaping_function(per_token_logps: torch.Tensor, shaping: str = "luffy", gamm
     if shaping == "none":
         return per_token_logps.exp()
     if shaping == "logp":
-        return per_token_logps
+        return per_token_logps if weight == 1.0 else weight * per_token_logps
+    if shaping == "p_logp":
+        return per_token_logps.exp() + weight * per_token_logps
+    if shaping == "square_root":
+        return torch.exp(0.5 * per_token_logps)
+    if shaping == "pow":
+        return torch.exp(exponent * per_token_logps)
     raise ValueError(f"Unknown shaping function {shaping!r}; expected one of {SHAPING_FUNCTIONS}.")
 
 
-def shaping_gradient_weight(probs: torch.Tensor, shaping: str = "luffy", gamma: float = 0.1) -> torch.Tensor:
+def shaping_gradient_weight(probs: torch.Tensor, shaping: str = "luffy", gamma: float = 0.1, *,
+                            weight: float = 1.0, exponent: float = 0.5) -> torch.Tensor:
     """d f / d log p: the weight that multiplies ∇log p on an off-policy token (for docs, plots and tests)."""
     if shaping == "luffy":
         return gamma * probs / (probs + gamma) ** 2
     if shaping == "none":
         return probs
     if shaping == "logp":
-        return torch.ones_like(probs)
+        return torch.full_like(probs, weight)
+    if shaping == "p_logp":
+        return probs + weight
+    if shaping == "square_root":
+        return 0.5 * probs.sqrt()
+    if shaping == "pow":
+        return exponent * probs**exponent
     raise ValueError(f"Unknown shaping function {shaping!r}; expected one of {SHAPING_FUNCTIONS}.")
+
+
+def on_policy_ratio(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, shaping: str = "none",
+                    gamma: float = 0.1, *, weight: float = 1.0, exponent: float = 0.5) -> torch.Tensor:
+    """The on-policy "ratio" r that −A·r (and the PPO clip) acts on, for LUFFY's `on_policy_reshape` variants.
+
+    With d = logp − logp_old: `"none"` exp(d) (PPO's ratio, LUFFY's `no_reshape`); `"logp"` d; `"p_logp"`
+    exp(d) + w·d; `"square_root"` exp(d)^½; `"pow"` exp(d)^k; `"luffy"` f(p)/f(p_old) with f(p) = p/(p+γ)
+    (LUFFY's `p_div_p_<γ>`). Every variant equals its value at d = 0 when logp = logp_old, but their gradients differ.
+    """
+    if shaping == "luffy":
+        probs, old_probs = per_token_logps.exp(), old_per_token_logps.exp()
+        return (probs / (probs + gamma)) / (old_probs / (old_probs + gamma))
+    log_ratio = per_token_logps - old_per_token_logps
+    if shaping == "none":
+        return torch.exp(log_ratio)
+    if shaping == "logp":
+        return log_ratio
+    if shaping == "p_logp":
+        return torch.exp(log_ratio) + weight * log_ratio
+    if shaping == "square_root":
+        return torch.exp(0.5 * log_ratio)
+    if shaping == "pow":
+        return torch.exp(exponent * log_ratio)
+    raise ValueError(f"Unknown on-policy shaping {shaping!r}; expected one of {ON_POLICY_SHAPINGS}.")
 
 
 @dataclass
@@ -56,13 +107,24 @@ class MixedLoss:
 
     per_token_loss: torch.Tensor
     ratio: torch.Tensor
-    """On-policy importance ratio r (after `delta` capping); exactly 1 on off-policy rows."""
+    """On-policy ratio r as the loss uses it (after on-policy shaping and `delta` capping); on off-policy rows, the
+    shaping's value at logp_old = logp (1 except for the `logp` shapings)."""
+    importance_ratio: torch.Tensor
+    """exp(logp − logp_old), uncapped and unshaped, with gradient (TRL's `coef_1`, used by `use_bias_correction_kl`);
+    the constant 1 on off-policy rows."""
     is_low_clipped: torch.Tensor
     """On-policy tokens whose ratio was clipped below (A < 0); False on off-policy rows and when clip is off."""
     is_high_clipped: torch.Tensor
     """On-policy tokens whose ratio was clipped above (A > 0); False on off-policy rows and when clip is off."""
     shaping_weight: torch.Tensor
-    """f(p) on every token (meaningful on off-policy rows only), detached."""
+    """f(p) on every token after the max/min clips (meaningful on off-policy rows only), detached (LUFFY's
+    `off_ratio`)."""
+    off_max_clipped: torch.Tensor
+    """Tokens whose f(p) was clamped to `off_policy_max_clip` (False everywhere when unset)."""
+    off_min_clipped: torch.Tensor
+    """Tokens whose f(p) was clamped to `off_policy_min_clip` (False everywhere when unset)."""
+    kept: torch.Tensor
+    """Tokens kept by `max_token_prob` (all True when unset); dropped tokens have loss 0 and leave the normaliser."""
 
 
 def mixed_policy_per_token_loss(
@@ -80,6 +142,15 @@ def mixed_policy_per_token_loss(
     teacher_per_token_logps: torch.Tensor | None = None,
     off_policy_weight: float = 1.0,
     off_policy_loss: str = "luffy",
+    shaping_weight: float = 1.0,
+    shaping_exponent: float = 0.5,
+    off_policy_max_clip: float | None = None,
+    off_policy_min_clip: float | None = None,
+    max_token_prob: float | None = None,
+    on_policy_shaping: str = "none",
+    on_policy_gamma: float = 0.1,
+    on_policy_weight: float = 1.0,
+    on_policy_exponent: float = 0.5,
 ) -> MixedLoss:
     """LUFFY's per-token policy loss for a batch that mixes on-policy and off-policy (teacher) rows.
 
@@ -99,6 +170,14 @@ def mixed_policy_per_token_loss(
         off_policy_weight: multiplier of the off-policy per-token loss (a guidance schedule's loss weight).
         off_policy_loss: `"luffy"` (the shaped term above) or `"sft"`: teacher tokens get no policy-gradient loss
             (the caller adds `sft_nll_loss` instead).
+        shaping_weight, shaping_exponent: w of the `logp`/`p_logp` shapings and k of `pow` (LUFFY's
+            `off_policy_reshape_weight`, `off_policy_reshape_pow_exp`).
+        off_policy_max_clip, off_policy_min_clip: clamp f on off-policy tokens from above / below (no gradient where
+            clamped); None disables (LUFFY's −1).
+        max_token_prob: drop every token (on- and off-policy) whose current probability exceeds it: loss 0, and
+            `kept` is False there so the caller removes it from the normaliser (LUFFY's `all_max_clip`).
+        on_policy_shaping, on_policy_gamma, on_policy_weight, on_policy_exponent: the on-policy ratio
+            (`on_policy_ratio`; LUFFY's `on_policy_reshape`, `_weight`, `_pow_exp`).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
@@ -109,7 +188,9 @@ def mixed_policy_per_token_loss(
     # that the branch stays finite: torch.where's backward multiplies the unselected branch's gradient by 0, and
     # 0 · inf would be NaN.
     old = torch.where(off, detached, old)
-    ratio = torch.exp(per_token_logps - old)
+    importance_ratio = torch.where(off, torch.ones_like(detached), torch.exp(per_token_logps - old))
+    ratio = on_policy_ratio(per_token_logps, old, on_policy_shaping, on_policy_gamma, weight=on_policy_weight,
+                            exponent=on_policy_exponent)
 
     false = torch.zeros_like(ratio, dtype=torch.bool)
     if clip:
@@ -126,10 +207,15 @@ def mixed_policy_per_token_loss(
         on_policy_loss = -ratio * advantages
         is_low_clipped = is_high_clipped = false
 
-    if teacher_per_token_logps is None:
-        shaped = shaping_function(per_token_logps, shaping, gamma)
-    else:
-        shaped = shaping_function(per_token_logps - teacher_per_token_logps, shaping, gamma)
+    shaped_input = per_token_logps if teacher_per_token_logps is None else per_token_logps - teacher_per_token_logps
+    shaped = shaping_function(shaped_input, shaping, gamma, weight=shaping_weight, exponent=shaping_exponent)
+    off_max_clipped = off_min_clipped = false
+    if off_policy_max_clip is not None:
+        off_max_clipped = (shaped.detach() >= off_policy_max_clip) & off
+        shaped = torch.clamp(shaped, max=off_policy_max_clip)
+    if off_policy_min_clip is not None:
+        off_min_clipped = (shaped.detach() <= off_policy_min_clip) & off
+        shaped = torch.clamp(shaped, min=off_policy_min_clip)
     if off_policy_loss == "luffy":
         off_token_loss = -advantages * shaped
         if off_policy_weight != 1.0:
@@ -139,12 +225,20 @@ def mixed_policy_per_token_loss(
     else:
         raise ValueError(f"Unknown off_policy_loss {off_policy_loss!r}; expected 'luffy' or 'sft'.")
     per_token_loss = torch.where(off, off_token_loss, on_policy_loss)
+    kept = torch.ones_like(false)
+    if max_token_prob is not None:
+        kept = detached.exp() <= max_token_prob
+        per_token_loss = torch.where(kept, per_token_loss, torch.zeros_like(per_token_loss))
     return MixedLoss(
         per_token_loss=per_token_loss,
         ratio=ratio,
+        importance_ratio=importance_ratio,
         is_low_clipped=is_low_clipped,
         is_high_clipped=is_high_clipped,
         shaping_weight=shaped.detach(),
+        off_max_clipped=off_max_clipped,
+        off_min_clipped=off_min_clipped,
+        kept=kept,
     )
 
 
@@ -179,6 +273,10 @@ def aggregate_loss(
     * `bnpo`:    Σ ℓ·m / Σ m over the micro-batch, ÷ GA
     * `dr_grpo`: Σ ℓ·m / (B · max_completion_length), ÷ GA   (LUFFY: Σ / 8192, up to the constant B·GA)
     * `dapo`:    Σ ℓ·m / (num_items_in_batch / num_processes · GA / steps_per_generation)  (global token mean)
+    * `luffy`:   Σ ℓ·m / max_completion_length, with no ÷B and no ÷GA: LUFFY's exact scale. Summed over the K
+      micro-batches of an optimiser step (and averaged over processes by DDP/FSDP/ZeRO), the policy term is
+      Σ_{tokens of the process's step} ℓ / max_len, as in LUFFY's `loss_remove_token_mean=True` actor. Not one of
+      TRL's; the trainer then also leaves the entropy bonus undivided (`SUMMED_LOSS_TYPES`).
 
     GA is 1 outside training.
     """
@@ -192,6 +290,10 @@ def aggregate_loss(
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length.")
         return masked.sum() / (per_token_loss.size(0) * max_completion_length) / ga
+    if loss_type == "luffy":
+        if max_completion_length is None:
+            raise ValueError("luffy needs max_completion_length.")
+        return masked.sum() / max_completion_length
     if loss_type == "dapo":
         if num_items_in_batch is None:
             raise ValueError("dapo needs num_items_in_batch.")

@@ -36,6 +36,8 @@ this process's own rows (whether it holds a teacher row, a trace, a failed group
 - `_mask_truncated_on_policy_rows`: `gather` of the loss-token count, when `mask_truncated_completions` (config).
 - `_log_mixed_batch_metrics`: `gather` of the lengths and of the teacher counters, every training batch with
   `num_off_policy > 0` (the counters are set on every process by `_plan_teacher_rows`).
+- `_log_on_policy_sampling_metrics`: one `gather`, every generation batch with vLLM's importance-sampling correction
+  on (config).
 - `_compute_loss`: `gather` of the policy loss when the entropy bonus is on, of the aux loss when enabled (config);
   `_log_loss_metrics`: one `reduce` and one `gather`, every call.
 - `LuffyEvalCallback`: see `luffy_trl.evaluation.callback`.
@@ -46,12 +48,13 @@ process holds no teacher row, a schedule leaves groups without one, or a trace i
 from __future__ import annotations
 
 import logging
+import textwrap
 
 import torch
 from accelerate.utils import gather
 from trl import GRPOConfig, GRPOTrainer
 
-from luffy_trl.config import MixedPolicyGRPOConfig
+from luffy_trl.config import MixedPolicyGRPOConfig, on_policy_ratio_departures
 from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_rows, trigger_fired
 from luffy_trl.losses import SUPPORTED_LOSS_TYPES
 from luffy_trl.teacher import TeacherTokenizer, teacher_texts
@@ -92,6 +95,21 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
 
     _tag_names = ["trl", "grpo", "luffy"]
     _name = "MixedPolicyGRPO"
+    # TRL's model card (`create_model_card`, `push_to_hub`) names the method's paper and prints `citation` under
+    # "Cite MixedPolicyGRPO as": LUFFY's paper, then GRPO's entry, which TRL's GRPOTrainer cites.
+    _paper = {
+        "title": "Learning to Reason under Off-Policy Guidance",
+        "id": "2504.14945",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{yan2025learning,
+                title        = {{Learning to Reason under Off-Policy Guidance}},
+                author       = {Jianhao Yan and Yafu Li and Zican Hu and Zhi Wang and Ganqu Cui and Xiaoye Qu and
+                                Yu Cheng and Yue Zhang},
+                year         = 2025,
+                eprint       = {arXiv:2504.14945},
+            }""") + "\n\n" + GRPOTrainer._paper["citation"],
+    }
 
     def __init__(self, model, reward_funcs=None, args: MixedPolicyGRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, **kwargs):
@@ -105,6 +123,7 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
                 "luffy_trl.MixedPolicyGRPOConfig(...) (it accepts every GRPOConfig field)."
             )
         self._check_supported(args, train_dataset, kwargs)
+        self._warn_unclipped_ratio(args)
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          **kwargs)
         if self._is_vlm and args.num_off_policy > 0:
@@ -138,6 +157,21 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
     # Construction-time checks
     # ------------------------------------------------------------------------------------------------------------
     @staticmethod
+    def _warn_unclipped_ratio(args: MixedPolicyGRPOConfig) -> None:
+        """Warn (once per trainer) when the on-policy ratio can leave 1 while `on_policy_clip=False`."""
+        reasons = on_policy_ratio_departures(args)
+        if args.on_policy_clip or not reasons:
+            return
+        baseline = ("num_off_policy=0 is therefore NOT TRL's GRPO (which clips); " if args.num_off_policy == 0
+                    else "")
+        logger.warning(
+            "on_policy_clip=False and the on-policy importance ratio can depart from 1 here: %s. On-policy tokens get "
+            "the unclipped objective -A·r, as in LUFFY's released script (loss_remove_clip=True); %sset "
+            "on_policy_clip=True for the clipped PPO/GRPO objective (the paper's, and the on-policy baseline's).",
+            "; ".join(reasons), baseline,
+        )
+
+    @staticmethod
     def _check_supported(args: MixedPolicyGRPOConfig, train_dataset, kwargs) -> None:
         unsupported = []
         if args.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -168,7 +202,7 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
                 raise ValueError(
                     f"off_policy_column={args.off_policy_column!r} is not a column of train_dataset; columns present: "
                     f"{list(columns)}. Point off_policy_column at the column with the teacher completions (LUFFY's "
-                    "data calls it 'target'), or set num_off_policy=0 for plain GRPO."
+                    "data calls it 'target'), or set num_off_policy=0 (with on_policy_clip=True) for plain GRPO."
                 )
             logprobs_column = args.off_policy_logprobs_column
             if args.num_off_policy > 0 and logprobs_column is not None and logprobs_column not in columns:
@@ -238,6 +272,48 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
         output["completion_mask"] = mask * (~truncated).unsqueeze(1).to(mask.dtype)
         loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
         output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+
+    def _log_on_policy_sampling_metrics(self, mode: str, output) -> None:
+        """Recompute TRL's `sampling/*` metrics over the tokens they describe: on-policy rows, final loss mask.
+
+        TRL logs them inside `_generate_and_score_completions`, over every row: teacher rows (IS ratio exactly 1)
+        and rows masked afterwards (truncated on-policy rows with `mask_truncated_completions`, teacher rows whose
+        trigger did not fire) dilute them. This replaces the value TRL appended for this batch with the global
+        mean / min / max over the on-policy tokens that train (sums and counts are gathered, so the mean is a token
+        mean over all processes, where TRL averages per-process means). No value when no such token exists.
+        """
+        metrics = self._metrics[mode]
+        mask = (output["completion_mask"] * output.get("tool_mask", 1)).bool()
+        on_rows = ~output[IS_OFF_POLICY]
+        tokens = mask & on_rows.unsqueeze(1)
+        delta = (output["old_per_token_logps"] - output["sampling_per_token_logps"]).abs()
+        valid = tokens & ~torch.isnan(delta)
+        ratio = output["importance_sampling_ratio"]
+        flat = ratio[:, 0][on_rows & mask.any(1)] if ratio.size(1) == 1 else ratio[tokens]
+        inf = torch.tensor(float("inf"), device=delta.device)
+
+        def stats(x):
+            x = x.float()
+            if not x.numel():
+                return [x.new_zeros(()), x.new_zeros(()), inf, -inf]
+            return [x.sum(), x.new_tensor(float(x.numel())), x.min(), x.max()]
+
+        local = torch.stack(stats(delta[valid]) + stats(flat)).unsqueeze(0)
+        table = self.accelerator.gather(local)  # (processes, 8)
+        sums, counts = table[:, [0, 4]].sum(0), table[:, [1, 5]].sum(0)
+        lows, highs = table[:, [2, 6]].min(0).values, table[:, [3, 7]].max(0).values
+        values = {
+            "sampling/sampling_logp_difference/mean": (0, sums[0] / counts[0].clamp(min=1)),
+            "sampling/sampling_logp_difference/max": (0, highs[0]),
+            "sampling/importance_sampling_ratio/min": (1, lows[1]),
+            "sampling/importance_sampling_ratio/mean": (1, sums[1] / counts[1].clamp(min=1)),
+            "sampling/importance_sampling_ratio/max": (1, highs[1]),
+        }
+        for name, (which, value) in values.items():
+            if metrics.get(name):
+                metrics[name].pop()  # TRL's value for this batch
+            if counts[which] > 0:
+                metrics[name].append(value.item())
 
     def _log_mixed_batch_metrics(self, output) -> None:
         metrics = self._metrics["train"]

@@ -147,14 +147,16 @@ class TeacherGenerationMixin:
         device = self.accelerator.device
         is_off = torch.tensor([text is not None for text in plan], dtype=torch.bool, device=device)
         output[IS_OFF_POLICY] = is_off
+        if mode == "train":  # lengths as generated, before truncated rows are masked
+            self._log_mixed_batch_metrics(output)
         if self._mask_truncated_on_policy:
             self._mask_truncated_on_policy_rows(output)
-        if mode == "train":
-            self._log_mixed_batch_metrics(output)
-            if self.num_off_policy > 0:
-                self._apply_guidance(output)
-                if self.args.off_policy_logprobs_column is not None:
-                    output[TEACHER_LOGPS] = self._teacher_logps_tensor(output["completion_ids"])
+        if mode == "train" and self.num_off_policy > 0:
+            self._apply_guidance(output)
+            if self.args.off_policy_logprobs_column is not None:
+                output[TEACHER_LOGPS] = self._teacher_logps_tensor(output["completion_ids"])
+        if self.use_vllm and self.vllm_importance_sampling_correction:  # config: the same on every process
+            self._log_on_policy_sampling_metrics(mode, output)
         return output
 
     def _apply_guidance(self, output) -> None:

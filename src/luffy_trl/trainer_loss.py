@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import nanmax, nanmin
 
-from luffy_trl.losses import aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
+from luffy_trl.losses import SUMMED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
 from luffy_trl.trainer_generation import IS_OFF_POLICY, TEACHER_LOGPS
 
 
@@ -20,9 +20,9 @@ class MixedLossMixin:
         """One forward pass, LUFFY's per-token loss (`luffy_trl.losses`), TRL's normalisers and extra terms.
 
         Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for the token-level loss types it supports
-        (grpo, bnpo, dr_grpo, dapo): same forward call, KL, entropy bonus, entropy mask, off-policy sequence mask
-        (OPSM), vLLM importance-sampling ratio and metrics; teacher rows get the shaped objective and are exempt from
-        clipping, OPSM, the entropy mask and the vLLM IS ratio.
+        (grpo, bnpo, dr_grpo, dapo; plus luffy-trl's `luffy`, LUFFY's exact scale): same forward call, KL, entropy
+        bonus, entropy mask, off-policy sequence mask (OPSM), vLLM importance-sampling ratio and metrics; teacher rows
+        get the shaped objective and are exempt from clipping, OPSM, the entropy mask and the vLLM IS ratio.
         """
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -100,16 +100,27 @@ class MixedLossMixin:
             teacher_per_token_logps=inputs.get(TEACHER_LOGPS),
             off_policy_weight=off_policy_weight,
             off_policy_loss=self.args.off_policy_loss,
+            shaping_weight=self.args.off_policy_shaping_weight,
+            shaping_exponent=self.args.off_policy_shaping_exponent,
+            off_policy_max_clip=self.args.off_policy_max_clip,
+            off_policy_min_clip=self.args.off_policy_min_clip,
+            max_token_prob=self.args.max_token_prob,
+            on_policy_shaping=self.args.on_policy_shaping,
+            on_policy_gamma=self.args.on_policy_shaping_gamma,
+            on_policy_weight=self.args.on_policy_shaping_weight,
+            on_policy_exponent=self.args.on_policy_shaping_exponent,
         )
         per_token_loss = losses.per_token_loss * weights
         # "RL w/ SFT loss": the policy-gradient term covers on-policy tokens only; teacher tokens get the NLL below.
         pg_mask = mask * (~off_rows) if sft else mask
+        if self.args.max_token_prob is not None:  # dropped tokens leave the normaliser's token count (LUFFY)
+            pg_mask = pg_mask * losses.kept
 
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-            if self.args.use_bias_correction_kl:  # the rollout ratio exists for on-policy rows only
-                per_token_kl = per_token_kl * losses.ratio
+            if self.args.use_bias_correction_kl:  # TRL's uncapped, unshaped exp(logp − old); 1 on teacher rows
+                per_token_kl = per_token_kl * losses.importance_ratio
             per_token_loss = per_token_loss + self.beta * per_token_kl
 
         loss = aggregate_loss(
@@ -125,6 +136,8 @@ class MixedLossMixin:
         )
         policy_loss = loss.detach()
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type in SUMMED_LOSS_TYPES:  # LUFFY sums micro-batch losses: Σ_k (pg_k − coef·H̄_k)
+            accumulation = 1.0
         if self._entropy_bonus_enabled:
             # Entropy bonus = mean token entropy over the tokens the policy term acts on, scaled only for gradient
             # accumulation (TRL's definition, L = L_policy − coef · H).
@@ -171,6 +184,12 @@ class MixedLossMixin:
                 terms["off_policy/sft_nll"] = (-per_token_logps, off_mask)
             else:
                 terms["off_policy/shaping_weight_mean"] = (losses.shaping_weight, off_mask)
+                if self.args.off_policy_max_clip is not None:
+                    terms["off_policy/max_clip_fraction"] = (losses.off_max_clipped.float(), off_mask)
+                if self.args.off_policy_min_clip is not None:
+                    terms["off_policy/min_clip_fraction"] = (losses.off_min_clipped.float(), off_mask)
+        if self.args.max_token_prob is not None:
+            terms["dropped_token_fraction"] = ((~losses.kept).float(), mask)
         sums = torch.stack([(x.detach() * m).sum().float() for x, m in terms.values()]
                            + [m.sum().float() for _, m in terms.values()])
         sums = self.accelerator.reduce(sums, reduction="sum")

@@ -1,0 +1,72 @@
+"""`luffy-trl`: the console entry point (also `python -m luffy_trl.cli`, `accelerate launch -m luffy_trl.cli`).
+
+    luffy-trl recipes                         # the packaged recipes and accelerate configs
+    luffy-trl recipes --path zero3            # the path of one (for accelerate's --config_file)
+    luffy-trl train --config demo_cpu [--max_steps 10 ...]
+    accelerate launch --config_file $(luffy-trl recipes --path zero3) -m luffy_trl.cli train --config qwen2.5-math-7b
+    luffy-trl convert train.sh [-o recipe.yaml]   # a LUFFY / verl launch script -> a recipe (docs/migrating.md)
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: luffy-trl <command> [args]
+
+commands:
+  train     train with a recipe: luffy-trl train --config <recipe name or file> [--field value ...]
+  recipes   list the packaged recipes and accelerate configs; --path NAME prints one's path
+  convert   turn a LUFFY / verl launch script (or a file of key=value Hydra overrides) into a recipe YAML
+"""
+
+
+def recipes(argv: list[str]) -> int:
+    import argparse
+
+    from luffy_trl.configs import accelerate_config_path, describe, list_accelerate_configs, list_recipes, recipe_path
+
+    parser = argparse.ArgumentParser(prog="luffy-trl recipes", description="Packaged recipes and accelerate configs.")
+    parser.add_argument("--path", metavar="NAME", help="print the path of this recipe or accelerate config")
+    args = parser.parse_args(argv)
+    if args.path:
+        try:
+            print(recipe_path(args.path))
+        except FileNotFoundError:
+            try:
+                print(accelerate_config_path(args.path))
+            except FileNotFoundError as err:
+                print(f"luffy-trl recipes: {err}", file=sys.stderr)
+                return 2
+        return 0
+    print("recipes (luffy-trl train --config NAME):")
+    for name, path in list_recipes().items():
+        print(f"  {name:24s} {describe(path)}")
+    print("accelerate configs (accelerate launch --config_file $(luffy-trl recipes --path NAME) ...):")
+    for name, path in list_accelerate_configs().items():
+        print(f"  {name:24s} {describe(path)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from luffy_trl.train import run
+
+        run(rest)
+        return 0
+    if command == "recipes":
+        return recipes(rest)
+    if command == "convert":
+        from luffy_trl.convert import main as convert
+
+        return convert(rest)
+    print(f"luffy-trl: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
