@@ -129,7 +129,17 @@ def parity(out_dir: str, arm: str) -> dict:
         torch.save([initial, *params.steps], os.path.join(out_dir, f"parity_{arm}.pt"))
     logs = [h for h in trainer.state.log_history if "loss" in h]
     keys = ("loss", "grad_norm", "kl", "reward", "off_policy/fraction_of_rows")
-    return {"logs": [{k: h[k] for k in keys if k in h} for h in logs]}
+    return {"logs": [{k: h[k] for k in keys if k in h} for h in logs], "zero_stage": zero_stage(trainer),
+            "offload": offload_devices(trainer),
+            "optimizer": type(getattr(trainer.model_wrapped, "basic_optimizer", None) or trainer.optimizer).__name__}
+
+
+def offload_devices(trainer) -> dict:
+    """Where DeepSpeed offloads the optimizer state and the parameters ('none' or 'cpu'), from the running config."""
+    if not trainer.is_deepspeed_enabled:
+        return {}
+    zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return {kind: zero.get(f"offload_{kind}", {}).get("device", "none") for kind in ("optimizer", "param")}
 
 
 def write_json(out_dir: str, name: str, data: dict) -> None:

@@ -23,6 +23,7 @@ import logging
 import os
 
 import torch
+from accelerate.utils import send_to_device
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 logger = logging.getLogger("luffy_trl.trainer")
@@ -61,8 +62,7 @@ class GenerationCheckpointMixin:
         # The micro-step of an uninterrupted run at this optimiser step (the Trainer resumes at step boundaries).
         step = self.state.global_step * self.args.gradient_accumulation_steps
         path = os.path.join(checkpoint, GENERATION_STATE_FILE.format(self.accelerator.process_index))
-        saved = torch.load(path, map_location=self.accelerator.device, weights_only=False) if os.path.exists(
-            path) else None
+        saved = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
         same_geometry = saved is not None and all(
             saved[key] == value for key, value in (
                 ("world_size", self.accelerator.num_processes), ("generate_every", self._generate_every()),
@@ -73,7 +73,7 @@ class GenerationCheckpointMixin:
         if step % self._generate_every() == 0:
             self._buffered_inputs = None  # a generation-batch boundary: the next micro-step generates anyway
         elif same_geometry and saved["buffered_inputs"] is not None:
-            self._buffered_inputs = saved["buffered_inputs"]
+            self._buffered_inputs = send_to_device(saved["buffered_inputs"], self.accelerator.device)
         else:
             self._buffered_inputs = None
             why = ("it has no luffy-trl generation state" if saved is None else
