@@ -274,15 +274,16 @@ RESUME_CHECKPOINT = 1  # micro-steps 0-1 of a generation batch of 4 (GA 2, steps
 RESUME_MAX_STEPS = 3
 
 
-def resume(out_dir: str, model=None) -> dict:
+def resume(out_dir: str, drop_generation_state: bool = False) -> dict:
     """`steps_per_generation` (4) > GA (2): an uninterrupted run of 3 steps saving a checkpoint every step, then a
     run resumed from checkpoint-1 (inside a generation batch). Returns what each micro-step trained on (prompt and
-    completion token sums per row) for both; the main process writes the final parameters to `resume.pt`."""
+    completion token sums per row) for both; the main process writes the final parameters to `resume_<run>.pt`.
+    `drop_generation_state`: delete luffy-trl's generation state from the checkpoint first (an older checkpoint)."""
     result = {}
     for name in ("uninterrupted", "resumed"):
         trained_on = []
         trainer = MixedPolicyGRPOTrainer(
-            model=model if model is not None else toy_model_path(out_dir), reward_funcs=boxed_answer_reward,
+            model=toy_model_path(out_dir), reward_funcs=boxed_answer_reward,
             processing_class=build_tokenizer(),
             args=tiny_args(os.path.join(out_dir, "resume_" + name), per_device_train_batch_size=2,
                            gradient_accumulation_steps=2, steps_per_generation=4, max_steps=RESUME_MAX_STEPS,
@@ -301,6 +302,9 @@ def resume(out_dir: str, model=None) -> dict:
         checkpoint = None
         if name == "resumed":
             checkpoint = os.path.join(out_dir, "resume_uninterrupted", f"checkpoint-{RESUME_CHECKPOINT}")
+            for file in os.listdir(checkpoint) if drop_generation_state else ():
+                if file.startswith("luffy_generation_state"):
+                    os.remove(os.path.join(checkpoint, file))
         trainer.train(resume_from_checkpoint=checkpoint)
         result[name] = trained_on
         trained = full_params(trainer)
