@@ -24,12 +24,12 @@ PARITY_GLOBAL_ROWS_PER_MICRO_STEP = 8
 PARITY_ARMS = {
     # Plain SGD without weight decay: the parameter change of a step is -lr × gradient, so the parameters after each
     # step check the gradient itself (a wrong scale, e.g. 1/GA applied twice, or a missing all-reduce shows).
-    "sgd": dict(optim="sgd", learning_rate=0.05, max_grad_norm=1e6, weight_decay=0.0, beta=0.0),
+    "sgd": {"optim": "sgd", "learning_rate": 0.05, "max_grad_norm": 1e6, "weight_decay": 0.0, "beta": 0.0},
     # AdamW with weight decay and clipping, and a KL term to the reference model (beta > 0). Adam's first update
     # lr·g/(|g| + eps) amplifies fp32 rounding in g where |g| is near eps (with the default eps 1e-8, entries with
     # |g| ~ 1e-7 moved by 1e-3 between one process and ZeRO-3), so eps is raised to 1e-4: the update then depends
     # smoothly (and, unlike with a tiny eps, with its scale) on the gradient.
-    "adamw_beta": dict(learning_rate=1e-2, adam_epsilon=1e-4, beta=0.04),
+    "adamw_beta": {"learning_rate": 1e-2, "adam_epsilon": 1e-4, "beta": 0.04},
 }
 
 
@@ -38,7 +38,7 @@ def world() -> tuple[int, int]:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def full_params(trainer) -> dict[str, torch.Tensor]:
@@ -190,7 +190,7 @@ def nogather(out_dir: str) -> dict:
     for gather_weights in (True, False):
         seen = []
 
-        def reward(completions, is_off_policy, **kwargs):
+        def reward(completions, is_off_policy, seen=seen, **kwargs):
             seen.append({"texts": [c[0]["content"] for c in completions], "flags": list(is_off_policy)})
             return [float(len(c[0]["content"]) % 3 == 0) for c in completions]
 
