@@ -37,10 +37,9 @@ class GenerationCheckpointMixin:
         return self.args.steps_per_generation * self.num_iterations
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # Written first, so that a checkpoint pushed to the Hub by the Trainer (hub_strategy="checkpoint") has it too.
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if not os.path.isdir(folder):  # the Trainer rotated it away (save_total_limit) or it is saved elsewhere
-            return
+        os.makedirs(folder, exist_ok=True)
         inside = self._step % self._generate_every() != 0
         state = {
             "step": self._step,
@@ -51,6 +50,7 @@ class GenerationCheckpointMixin:
             "buffered_inputs": self._buffered_inputs if inside else None,
         }
         torch.save(state, os.path.join(folder, GENERATION_STATE_FILE.format(self.accelerator.process_index)))
+        super()._save_checkpoint(model, trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
