@@ -28,7 +28,9 @@ ACCELERATE_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "examples" / 
 CPU_OVERRIDES = {"use_cpu": True, "mixed_precision": "no", "num_processes": 2}
 DRIVER = pathlib.Path(__file__).parent / "scripts" / "deepspeed_scenarios.py"
 LAUNCH_TIMEOUT = 300  # seconds per launch; a hang fails the test (each scenario also has a faulthandler timer)
-HANG_SECONDS = "150"
+HANG_SECONDS = 150
+# The first ZeRO-Offload run compiles DeepSpeed's CPU Adam op (1-4 minutes on 2 cores, then cached).
+OFFLOAD_BUILD_SECONDS = 300
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,21 +55,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def environment() -> dict:
+def environment(hang_seconds: int = HANG_SECONDS) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-            "LUFFY_TEST_HANG_SECONDS": HANG_SECONDS}
+            "LUFFY_TEST_HANG_SECONDS": str(hang_seconds)}
 
 
 def check(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
 
 
-def launch(config: str, scenarios: str, out_dir: pathlib.Path) -> pathlib.Path:
+def launch(config: str, scenarios: str, out_dir: pathlib.Path, extra_seconds: int = 0) -> pathlib.Path:
     """Two processes on one machine under `accelerate launch` with the CPU variant of a shipped config."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cpu_config(config, out_dir)),
            "--main_process_port", str(free_port()), str(DRIVER), str(out_dir), scenarios]
-    check(subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
-                         check=False))
+    check(subprocess.run(cmd, env=environment(HANG_SECONDS + extra_seconds), capture_output=True, text=True,
+                         timeout=LAUNCH_TIMEOUT + extra_seconds, check=False))
     return out_dir
 
 
@@ -297,7 +299,7 @@ def test_zero3_eval_callback_with_uneven_shares(zero3):
 # 7. ZeRO-3 with CPU offload (zero3_offload.yaml): DeepSpeedCPUAdam is built (JIT) on first use
 # ------------------------------------------------------------------------------------------------------------------
 def test_zero3_offload_matches_ddp(tmp_path, ddp):
-    out_dir = launch("zero3_offload", "parity:adamw_beta", tmp_path)
+    out_dir = launch("zero3_offload", "parity:adamw_beta", tmp_path, extra_seconds=OFFLOAD_BUILD_SECONDS)
     got, params = parity_run(out_dir, "adamw_beta")
     assert got["zero_stage"] == 3 and got["offload"] == {"optimizer": "cpu", "param": "cpu"}
     assert got["optimizer"] == "DeepSpeedCPUAdam"
@@ -312,18 +314,17 @@ def test_zero3_offload_matches_ddp(tmp_path, ddp):
 # ------------------------------------------------------------------------------------------------------------------
 def test_two_machines_match_one_machine(tmp_path, zero3):
     config, port = cpu_config("zero3", tmp_path), free_port()
-    runs = []
+    runs, logs = [], [tmp_path / f"machine{rank}.log" for rank in range(2)]
     for machine_rank in range(2):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(DRIVER), str(tmp_path),
                "groups"]
-        runs.append(subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True))
+        with logs[machine_rank].open("w") as log:  # files, not pipes: a full pipe would stall the other machine
+            runs.append(subprocess.Popen(cmd, env=environment(), stdout=log, stderr=subprocess.STDOUT))
     try:
-        for run in runs:
-            stdout, stderr = run.communicate(timeout=LAUNCH_TIMEOUT)
-            check(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr))
+        for run, log in zip(runs, logs):
+            assert run.wait(timeout=LAUNCH_TIMEOUT) == 0, log.read_text()[-4000:]
     finally:
         for run in runs:
             if run.poll() is None:
