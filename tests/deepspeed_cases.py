@@ -254,8 +254,17 @@ def evaluation(out_dir: str) -> dict:
     """`LuffyEvalCallback` with uneven shares (5 problems on 2 processes, batch size 2: 3 and 2 requests, 2 and 1
     `generate` calls without padding): once before training (the initial weights, comparable with one process) and
     after each of two training steps."""
+    from luffy_trl.evaluation import callback as callback_module
     from luffy_trl.evaluation.callback import LuffyEvalCallback
 
+    scored = []  # per evaluation: (requests, gathered samples) passed to `summarize`; dummies must not be among them
+    summarize = callback_module.summarize
+
+    def counting_summarize(requests, samples, *args, **kwargs):
+        scored.append((len(requests), len(samples)))
+        return summarize(requests, samples, *args, **kwargs)
+
+    callback_module.summarize = counting_summarize
     trainer = MixedPolicyGRPOTrainer(
         model=toy_model_path(out_dir), reward_funcs=boxed_answer_reward, processing_class=build_tokenizer(),
         args=tiny_args(os.path.join(out_dir, "evaluation"), per_device_train_batch_size=4, max_steps=2),
@@ -263,11 +272,14 @@ def evaluation(out_dir: str) -> dict:
     )
     callback = LuffyEvalCallback(trainer, eval_problems(), eval_steps=1, batch_size=EVAL_BATCH_SIZE,
                                  protocol=eval_protocol())
-    initial = callback.evaluate()
-    trainer.add_callback(callback)
-    trainer.train()
+    try:
+        initial = callback.evaluate()
+        trainer.add_callback(callback)
+        trainer.train()
+    finally:
+        callback_module.summarize = summarize
     entries = [h for h in trainer.state.log_history if any(k.startswith("eval_bench/") for k in h)]
-    return {"initial": initial, "entries": entries, "zero_stage": zero_stage(trainer)}
+    return {"initial": initial, "entries": entries, "scored": scored, "zero_stage": zero_stage(trainer)}
 
 
 RESUME_CHECKPOINT = 1  # micro-steps 0-1 of a generation batch of 4 (GA 2, steps_per_generation 4): inside it

@@ -262,7 +262,7 @@ def assert_resume_is_exact(out_dir: pathlib.Path) -> None:
         assert [m["step"] for m in uninterrupted] == [0, 0, 1, 1, 2, 2]
         assert resumed == uninterrupted[cases.RESUME_CHECKPOINT * ga :]
     uninterrupted, resumed = (torch.load(out_dir / f"resume_{name}.pt") for name in ("uninterrupted", "resumed"))
-    assert max_param_difference(uninterrupted, resumed) == 0.0
+    assert max_param_difference(uninterrupted, resumed) <= PARAM_ATOL  # observed: 0.0
 
 
 @pytest.mark.parametrize("backend", ["zero2", "zero3"])
@@ -287,6 +287,8 @@ def test_zero3_eval_callback_with_uneven_shares(zero3):
     assert ranks[0]["entries"] == ranks[1]["entries"]
     assert [h["step"] for h in ranks[0]["entries"]] == [1, 2]
     assert ranks[0]["initial"] == ranks[1]["initial"]
+    for rank in ranks:  # three evaluations, each scoring the 5 real samples (the padding is dropped)
+        assert rank["scored"] == [[cases.EVAL_PROBLEMS, cases.EVAL_PROBLEMS]] * 3
     # the initial weights on one process, greedy: the same metrics as the two ZeRO-3 processes
     model = AutoModelForCausalLM.from_pretrained(zero3 / "toy_model_rank0")
     tokenizer = cases.build_tokenizer()
