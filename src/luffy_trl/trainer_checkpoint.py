@@ -62,7 +62,7 @@ class GenerationCheckpointMixin:
         # The micro-step of an uninterrupted run at this optimiser step (the Trainer resumes at step boundaries).
         step = self.state.global_step * self.args.gradient_accumulation_steps
         path = os.path.join(checkpoint, GENERATION_STATE_FILE.format(self.accelerator.process_index))
-        saved = torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+        saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.exists(path) else None
         same_geometry = saved is not None and all(
             saved[key] == value for key, value in (
                 ("world_size", self.accelerator.num_processes), ("generate_every", self._generate_every()),
@@ -80,6 +80,7 @@ class GenerationCheckpointMixin:
                    "it was saved with another number of processes, steps_per_generation or num_iterations")
             logger.warning(
                 "Checkpoint %s falls inside a generation batch (micro-step %d of %d) but %s: the rest of this "
-                "generation batch is generated again (new samples), later batches are the uninterrupted run's.",
+                "generation batch is generated again (new samples); later generation batches start at the "
+                "micro-steps of the uninterrupted run.",
                 checkpoint, step % self._generate_every(), self._generate_every(), why,
             )
