@@ -71,6 +71,39 @@ def train_recording_batches(trainer, records: list[dict], path_template: str) ->
                    "log": trainer.state.log_history}, f)
 
 
+def assert_straddling_groups(ranks: list[dict]) -> None:
+    """The records of `two_process_groups.py`-style runs (3 rows per process and micro-step, GA 2, groups of 4 with
+    one teacher slot): every group holds one prompt and exactly one teacher row, seen by the reward function, and
+    the advantages are computed over the mixed group even where it spans the processes (scale_rewards="none")."""
+    assert all(r["world_size"] == 2 for r in ranks)
+    steps = list(zip(ranks[0]["records"], ranks[1]["records"]))
+    assert len(steps) >= 1
+    for rec0, rec1 in steps:
+        # per process: 3 rows × 2 steps per generation = 6 rows; global batch 12 rows = 3 groups of 4,
+        # the middle group spans both processes (rows 4-5 on rank 0, rows 0-1 on rank 1).
+        prompts = rec0["prompts"] + rec1["prompts"]
+        flags = rec0["flags"] + rec1["flags"]
+        rewards = rec0["rewards"] + rec1["rewards"]
+        assert len(flags) == 12
+        for g in range(0, 12, 4):
+            assert len(set(prompts[g : g + 4])) == 1
+            assert flags[g : g + 4] == [False, False, False, True]
+            assert rewards[g + 3] == 1.0  # the teacher trace is correct
+        by_row = {}
+        for rec, base in ((rec0, 0), (rec1, 6)):
+            # the output is shuffled locally; match rows through (flag, advantage) multisets per process
+            by_row[base] = sorted(zip(rec["is_off_policy"], rec["advantages"]))
+        expected = []
+        for g in range(0, 12, 4):
+            mean = sum(rewards[g : g + 4]) / 4
+            expected += [(f, r - mean) for f, r in zip(flags[g : g + 4], rewards[g : g + 4])]
+        for base in (0, 6):
+            want = sorted(expected[base : base + 6])
+            got = by_row[base]
+            assert [f for f, _ in got] == [f for f, _ in want]
+            assert [a for _, a in got] == pytest.approx([a for _, a in want])
+
+
 def shut_down_processes() -> None:
     """End a torchrun script cleanly: wait for every process, then destroy the process group (left to interpreter
     exit, the teardown can abort with "terminate called without an active exception")."""

@@ -325,3 +325,20 @@ def test_smollm2_on_two_math_problems(one_thread):
     assert math["num_problems"] == 2 and 1 <= math["mean_length"] <= 24
     assert backend.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                                  add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+
+
+def test_equal_shares_pad_every_process_to_the_same_number_of_generate_calls(tokenizer):
+    """ZeRO-3 generates with synced_gpus: every process must make as many `generate` calls as the others."""
+    from luffy_trl.evaluation.callback import equal_shares
+
+    requests = build_requests(toy_problems(5), LUFFY.with_overrides(num_samples=1), tokenizer)
+    for processes in (1, 2, 3, 8):
+        shares = [equal_shares(requests, processes, i) for i in range(processes)]
+        assert {len(padded) for padded, _ in shares} == {-(-5 // processes)}
+        real = [r for padded, n in shares for r in padded[:n]]
+        assert real == requests  # contiguous, in order, each once: gather_object restores the global order
+        for padded, n in shares:
+            assert all(r.sample < 0 for r in padded[n:])  # dummies: keys no real request has
+            assert len({r.key for r in padded}) == len(padded)
+    padded, n = equal_shares(requests, 8, 7)  # 5 requests on 8 processes: an empty share still generates once
+    assert n == 0 and len(padded) == 1 and padded[0].prompt_text == requests[0].prompt_text

@@ -101,3 +101,28 @@ def test_trl_sampling_metrics_and_rules_we_rely_on():
     assert "generate_every = self.args.steps_per_generation * self.num_iterations" in source
     assert {"title", "id", "citation"} <= set(GRPOTrainer._paper)
     assert GRPOTrainer.loss_is_scaled_for_ga is True  # loss_type="luffy" sums micro-batches: no ÷GA anywhere
+
+
+def test_generation_buffer_and_checkpoint_hooks_that_exact_resume_relies_on():
+    """`luffy_trl.trainer_checkpoint` saves `_step` and `_buffered_inputs` in `Trainer._save_checkpoint` and
+    restores them in `_load_optimizer_and_scheduler` (called once on resume, after the Trainer state and, under
+    DeepSpeed, the engine checkpoint are loaded)."""
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    assert list(inspect.signature(Trainer._load_optimizer_and_scheduler).parameters) == ["self", "checkpoint"]
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    for fragment in ["generate_every = self.args.steps_per_generation * self.num_iterations",
+                     "if self._step % generate_every == 0 or self._buffered_inputs is None:",
+                     "self._buffered_inputs[self._step % self.args.steps_per_generation]"]:
+        assert fragment in prepare, fragment
+    assert "self._step += 1" in inspect.getsource(GRPOTrainer.training_step)
+    loop = inspect.getsource(Trainer._inner_training_loop)  # restores state.global_step, then prepares
+    assert loop.index("self._init_training_state(") < loop.index("self._prepare_for_training(")
+    prepare_training = inspect.getsource(Trainer._prepare_for_training)
+    assert "self._load_optimizer_and_scheduler(resume_from_checkpoint)" in prepare_training
+    assert prepare_training.index("deepspeed_load_checkpoint(") < prepare_training.index(
+        "self._load_optimizer_and_scheduler(")
+    assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in inspect.getsource(
+        Trainer._save_checkpoint)

@@ -14,10 +14,12 @@ Data flow of one generation batch (docs/method.md has the formulas):
    tensor travels with the batch, and teacher rows that do not take part get an all-zero completion mask.
 4. `_compute_loss` runs one forward pass and calls the pure `luffy_trl.losses` functions.
 
-Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL's.
+Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL's; checkpoints also hold TRL's
+buffered generation batch (`luffy_trl.trainer_checkpoint`).
 
-The class is assembled from two mixins: `trainer_generation.TeacherGenerationMixin` (steps 1-2) and
-`trainer_loss.MixedLossMixin` (step 4); this module holds construction, rewards, guidance and batch metrics.
+The class is assembled from mixins: `trainer_generation.TeacherGenerationMixin` (steps 1-2),
+`trainer_loss.MixedLossMixin` (step 4) and `trainer_checkpoint.GenerationCheckpointMixin` (TRL's generation buffer
+in checkpoints, for exact resume); this module holds construction, rewards, guidance and batch metrics.
 Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
 
 Collectives: the rule that keeps processes aligned. Every process must issue the same sequence of collective calls
@@ -58,6 +60,7 @@ from luffy_trl.config import MixedPolicyGRPOConfig, on_policy_ratio_departures
 from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_rows, trigger_fired
 from luffy_trl.losses import SUPPORTED_LOSS_TYPES
 from luffy_trl.teacher import TeacherTokenizer, teacher_texts
+from luffy_trl.trainer_checkpoint import GenerationCheckpointMixin
 from luffy_trl.trainer_generation import (
     IS_OFF_POLICY,
     LOGPROB_COUNTERS,
@@ -73,7 +76,7 @@ __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_
 ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
 
-class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
+class MixedPolicyGRPOTrainer(GenerationCheckpointMixin, TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
     """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
 
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds

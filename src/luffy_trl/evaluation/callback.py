@@ -6,17 +6,32 @@ model (`trl.models.utils.unwrap_model_for_generation`, which gathers ZeRO-3 para
 metrics and calls `transformers.Trainer.log`, as the trainer itself does for training metrics (its reporting
 integrations write from the main process only, `state.log_history` is the same everywhere). All processes take part
 in every collective, so none waits for another: there is no main-only branch that could deadlock.
+
+Under DeepSpeed ZeRO-3 transformers generates with `synced_gpus=True`: every decoding step of every `generate` call
+is a collective (parameter gathering), so every process must make the same number of `generate` calls. Shares that
+differ in size (5 samples on 2 processes) would give different numbers of batches; `equal_shares` pads the shorter
+shares with dummy requests (copies of a real prompt under a key no problem uses) whose generations are dropped
+before scoring.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from transformers import Trainer, TrainerCallback
 
 from luffy_trl.evaluation.backends import TransformersBackend
 from luffy_trl.evaluation.protocols import LUFFY, Protocol
-from luffy_trl.evaluation.runner import GenerationCache, Problem, build_requests, generate, score, summarize
+from luffy_trl.evaluation.runner import (
+    GenerationCache,
+    Problem,
+    Request,
+    build_requests,
+    generate,
+    score,
+    summarize,
+)
 
 
 def flatten_metrics(summary: dict, prefix: str = "eval_bench") -> dict[str, float]:
@@ -32,6 +47,23 @@ def flatten_metrics(summary: dict, prefix: str = "eval_bench") -> dict[str, floa
         if group in summary["averages"]:
             metrics[f"{prefix}/{key}"] = summary["averages"][group]["accuracy"]
     return metrics
+
+
+def equal_shares(requests: Sequence[Request], num_processes: int, process_index: int) -> tuple[list[Request], int]:
+    """This process's contiguous share of `requests` (the split of `accelerate`'s `split_between_processes`: the first
+    `len % num_processes` processes take one more), padded to the largest share with dummy requests so that every
+    process makes the same number of `generate` calls. Returns (share + padding, number of real requests); the
+    padding repeats the share's last request (`requests[0]` for an empty share) as sample `-1, -2, ...`, keys no
+    real request has, so that the generation cache never mixes them up."""
+    if not requests:
+        raise ValueError("equal_shares needs at least one request")
+    base, extra = divmod(len(requests), num_processes)
+    start = process_index * base + min(process_index, extra)
+    mine = list(requests[start : start + base + (process_index < extra)])
+    largest = base + (extra > 0)
+    filler = mine[-1] if mine else requests[0]
+    padding = [replace(filler, sample=-1 - k) for k in range(largest - len(mine))]
+    return mine + padding, len(mine)
 
 
 class LuffyEvalCallback(TrainerCallback):
@@ -75,19 +107,20 @@ class LuffyEvalCallback(TrainerCallback):
         trainer, accelerator = self.trainer, self.trainer.accelerator
         tokenizer = trainer.processing_class
         requests = build_requests(self.problems, self.protocol, tokenizer)
-        with accelerator.split_between_processes(requests) as mine:
-            with unwrap_model_for_generation(
-                trainer.model_wrapped, accelerator,
-                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-            ) as model:
-                was_training = model.training
-                model.eval()
-                cache = GenerationCache()
-                try:
-                    generate(TransformersBackend(model, tokenizer), mine, self.protocol, cache, self.batch_size)
-                finally:
-                    model.train(was_training)
-            samples = score(mine, [cache[r.key] for r in mine], self.protocol)
+        padded, num_real = equal_shares(requests, accelerator.num_processes, accelerator.process_index)
+        mine = padded[:num_real]
+        with unwrap_model_for_generation(
+            trainer.model_wrapped, accelerator,
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+        ) as model:
+            was_training = model.training
+            model.eval()
+            cache = GenerationCache()
+            try:
+                generate(TransformersBackend(model, tokenizer), padded, self.protocol, cache, self.batch_size)
+            finally:
+                model.train(was_training)
+        samples = score(mine, [cache[r.key] for r in mine], self.protocol)
         metrics = flatten_metrics(summarize(requests, gather_object(samples), self.pass_ks), self.prefix)
         # `Trainer.log`, not `trainer.log`: GRPOTrainer.log would also flush its running training-metric averages
         # into this entry. This one holds only the evaluation metrics (plus `epoch` and `step`). Logging clears

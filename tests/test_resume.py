@@ -1,0 +1,47 @@
+"""Resuming inside a generation batch (`steps_per_generation` > GA) on one process: exact with luffy-trl's generation
+state in the checkpoint (`luffy_trl.trainer_checkpoint`); realigned, with a warning, without it. The same under
+DeepSpeed ZeRO-2/ZeRO-3 is in test_deepspeed.py."""
+
+import logging
+
+import deepspeed_cases as cases
+import pytest
+import torch
+
+
+def rows_by_step(trained_on, first_step):
+    return [m for m in trained_on if m["step"] >= first_step]
+
+
+@pytest.mark.slow
+def test_resume_inside_a_generation_batch_is_exact(tmp_path):
+    result = cases.resume(str(tmp_path))
+    uninterrupted, resumed = result["uninterrupted"], result["resumed"]
+    assert [m["step"] for m in uninterrupted] == [0, 0, 1, 1, 2, 2]
+    assert resumed == rows_by_step(uninterrupted, cases.RESUME_CHECKPOINT)  # the same rows, completions included
+    state = torch.load(tmp_path / "resume_uninterrupted" / "checkpoint-1" / "luffy_generation_state_rank0.pt",
+                       weights_only=False)
+    assert state["step"] == 2 and len(state["buffered_inputs"]) == 4  # micro-step 2 of a generation batch of 4
+    final = [torch.load(tmp_path / f"resume_{name}.pt") for name in ("uninterrupted", "resumed")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.slow
+def test_resume_without_generation_state_regenerates_the_batch_and_realigns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        result = cases.resume(str(tmp_path), drop_generation_state=True)
+    assert "falls inside a generation batch (micro-step 2 of 4) but it has no luffy-trl generation state" in caplog.text
+    uninterrupted, resumed = result["uninterrupted"], result["resumed"]
+    # step 1 trains on new samples of the same prompts; step 2 starts the next generation batch on time
+    assert [m["step"] for m in resumed] == [1, 1, 2, 2]
+
+    def prompts(micro_steps):
+        return [sorted(p for p, _ in m["rows"]) for m in micro_steps]
+
+    def prompt_set(micro_steps):
+        return {p for m in micro_steps for p, _ in m["rows"]}
+
+    # the regenerated batch is shuffled anew: its last two slices hold rows of the batch's prompts, not the same rows
+    assert prompt_set(resumed[:2]) <= prompt_set(uninterrupted[:4])
+    assert prompts(resumed[2:]) == prompts(rows_by_step(uninterrupted, 2))
+    assert resumed[:2] != rows_by_step(uninterrupted, 1)[:2]  # regenerated: other completions
