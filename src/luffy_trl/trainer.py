@@ -63,6 +63,7 @@ from luffy_trl.trainer_generation import (
     TeacherGenerationMixin,
     teacher_slot,
 )
+from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
 from luffy_trl.trainer_loss import MixedLossMixin
 
 __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_slot"]
@@ -70,7 +71,7 @@ __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_
 ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
 
-class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
+class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, PaddingFreeBatchingMixin, GRPOTrainer):
     """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
 
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds
