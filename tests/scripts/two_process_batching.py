@@ -1,0 +1,71 @@
+"""Run under `torchrun --nproc_per_node 2` (gloo, CPU) by tests/test_batching_trainer.py.
+
+Each process holds 3 rows per micro-step (groups of 4 straddle the processes; rank 0 holds one teacher slot per
+generation batch chunk pattern, rank 1 two), LUFFY's geometry spg = 2·GA (old log-probs computed), completions cut
+to row-dependent lengths that differ between the ranks. For grpo, dr_grpo and dapo each process records the largest
+relative difference between its optimiser-step gradients with `padding_free_batches` on and off, and the number of
+no-grad forwards it ran (ZeRO-3 needs the same count on every process). Then two real training steps with the
+switch on (DDP, different row counts per process) must change the parameters.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from batching_cases import cache_generation, cut_lengths, make_trainer, step_gradients  # noqa: E402
+from conftest import build_tokenizer, shut_down_processes  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+out_dir = sys.argv[1]
+forwards = {"count": 0}
+original = GRPOTrainer._get_per_token_logps_and_entropies
+
+
+def counting(self, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        forwards["count"] += 1
+    return original(self, *args, **kwargs)
+
+
+GRPOTrainer._get_per_token_logps_and_entropies = counting
+tokenizer = build_tokenizer()
+common = dict(per_device_train_batch_size=3, gradient_accumulation_steps=2, steps_per_generation=4,
+              num_generations=4, max_completion_length=24, entropy_coef=0.0, off_policy_trigger="all_fail")
+trainer = make_trainer(tokenizer, os.path.join(out_dir, "grads"), **common)
+cut_lengths(trainer, [3, 20, 5, 7, 2, 24, 9, 4, 11, 1, 16])
+result = {"rank": dist.get_rank(), "relative_difference": {}, "rows": {}}
+batch = next(iter(trainer.get_train_dataloader()))
+trainer.args.padding_free_batches = True
+torch.manual_seed(0)
+forwards["count"] = 0
+type(trainer)._generate_and_score_completions(trainer, batch)
+result["nograd_forwards"] = forwards["count"]
+cache_generation(trainer)
+for loss_type in ("grpo", "dr_grpo", "dapo"):
+    trainer.args.loss_type = trainer.loss_type = loss_type
+    on, chunks = step_gradients(trainer, True)
+    off, _ = step_gradients(trainer, False)
+    worst = 0.0
+    for a, b in zip(on, off):
+        norm = sum(float(g.norm() ** 2) for g in b.values()) ** 0.5
+        worst = max(worst, max(float((a[n] - b[n]).norm()) for n in a) / norm)
+    result["relative_difference"][loss_type] = worst
+    result["rows"][loss_type] = [c["completion_ids"].size(0) for c in chunks]
+
+trainer = make_trainer(tokenizer, os.path.join(out_dir, "train"), max_steps=2, learning_rate=0.05,
+                       **{**common, "loss_type": "dapo"})
+cut_lengths(trainer, [3, 20, 5, 7, 2, 24, 9, 4, 11, 1, 16])
+before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+trainer.train()
+result["changed"] = sum(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+result["ratios"] = [entry["batching/padding_ratio"] for entry in trainer.state.log_history
+                    if "batching/padding_ratio" in entry]
+with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(result, f)
+shut_down_processes()
