@@ -6,6 +6,7 @@ and update `luffy_trl/trainer.py` before widening the range.
 """
 
 import inspect
+import re
 
 import pytest
 import trl
@@ -87,3 +88,35 @@ def test_vllm_server_generation_still_dedupes_by_position_and_slices_equally():
                      "accelerator.process_index * len(prompts)", "local_rank_in_group * orig_size"]:
         assert fragment in source, fragment
     assert "num_generations=num_generations" in inspect.getsource(GRPOTrainer._generate_single_turn)
+
+
+def test_padding_free_batches_hooks_still_hold():
+    """`luffy_trl.trainer_batching` wraps `_prepare_inputs` (reassigns `_buffered_inputs` right after TRL fills it)
+    and `_get_per_token_logps_and_entropies` during `_generate_and_score_completions` (old log-probs first, then
+    reference log-probs; the same condition for the old ones; NaN differences give an IS ratio of 1, which teacher
+    rows' unset old log-probs rely on). Trimming common left padding is exact for RoPE models only because no
+    position ids are passed: positions are column indices, shifted uniformly."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    for fragment in ["self._step % generate_every == 0 or self._buffered_inputs is None",
+                     "split_tensor_dict(generation_batch, self.args.steps_per_generation)",
+                     "self._buffered_inputs[self._step % self.args.steps_per_generation]",
+                     "generate_every = self.args.steps_per_generation * self.num_iterations"]:
+        assert fragment in prepare, fragment
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    old = source.index("old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    ref = source.index("ref_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    assert old < ref
+    assert source.count("self._get_per_token_logps_and_entropies(") == 3  # old, ref (ref model), ref (PEFT)
+    for fragment in ["self.args.gradient_accumulation_steps % generate_every != 0 or (",
+                     "self.use_vllm and self.vllm_importance_sampling_correction",
+                     "torch.nan_to_num(per_token_logps_diff, nan=0.0)",
+                     "delta = delta[mask & ~torch.isnan(delta)]"]:
+        assert fragment in source, fragment
+    params = list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    assert params[:8] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                          "compute_entropy", "compute_aux_loss"]
+    logps = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert not re.search(r"(?<!image_)position_ids", logps)
+    assert "position_ids = torch.arange(inputs_embeds.shape[1]" in inspect.getsource(qwen2.Qwen2Model.forward)
