@@ -127,7 +127,7 @@ class PaddingFreeBatchingMixin:
         metrics["batching/computed_tokens"].append(computed)
         metrics["batching/real_tokens"].append(real)
         metrics["batching/padding_ratio"].append(computed / max(real, 1.0))
-        metrics["batching/padded_tokens_without"].append(baseline)
+        metrics["batching/fixed_batch_tokens"].append(baseline)
 
     # ------------------------------------------------------------------------------------------------------------
     # No-grad forwards (old and reference log-probs)
