@@ -35,15 +35,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from common import PRESETS, bench_model, device, sync
+from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers.trainer_callback import PrinterCallback, TrainerCallback  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-
-from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer  # noqa: E402
-from luffy_trl.toy import boxed_answer_reward, toy_tokenizer  # noqa: E402
+from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer
+from luffy_trl.toy import boxed_answer_reward, toy_tokenizer
 
 ARMS = ("on", "off", "stock")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -234,7 +233,8 @@ def plot(summary: dict, path: Path) -> None:
     axes[0].set_title("loss-forward tokens computed / real tokens")
     axes[1].axhline(0.5, color="k", ls="--", lw=0.8, label="target 0.5 (early)")
     axes[1].axhline(1.0, color="grey", ls=":", lw=0.8)
-    axes[1].set_title(f"training part / switch-off arm ({summary['device']})")
+    note = f"{summary['reps']} rep(s)" + ("; too few for timing" if summary["reps"] < 5 else "")
+    axes[1].set_title(f"training part / switch-off arm\n({summary['device']}, {note})", fontsize=10)
     for ax in axes:
         ax.set_xticks(range(len(mixes)), mixes)
         ax.legend(fontsize=8)
@@ -251,6 +251,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixes", nargs="+", choices=sorted(MIXES), default=["early", "late"])
     parser.add_argument("--length_scale", type=int, default=1, help="multiply every length (4 on a GPU)")
     parser.add_argument("--out", default=str(RESULTS / "bench_batching.json"))
+    parser.add_argument("--replot", default=None, help="only redraw the PNG of an existing result JSON")
     args = parser.parse_args(argv)
     args.preset = args.preset or ("gpu" if device().type == "cuda" else "cpu")
     for key, value in PRESETS[args.preset].items():
@@ -260,6 +261,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        plot(json.loads(path.read_text())["summary"], path.with_suffix(".png"))
+        return None
     tokenizer = toy_tokenizer()
     name = torch.cuda.get_device_name() if device().type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; preset {args.preset}; torch {torch.__version__}", file=sys.stderr)

@@ -4,8 +4,14 @@ import pathlib
 
 import pytest
 import torch
+from batching_cases import (
+    assert_same_gradients,
+    cache_generation,
+    cut_lengths,
+    make_trainer,
+    step_gradients,
+)
 from conftest import requires_torchrun, run_two_processes
-from batching_cases import assert_same_gradients, cache_generation, cut_lengths, make_trainer, step_gradients
 
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_batching.py"
 LENGTHS = [3, 20, 5, 7, 2, 24, 9, 4, 11]  # on-policy completions cut to these lengths (+ EOS)

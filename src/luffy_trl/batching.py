@@ -17,6 +17,7 @@ micro-batch of micro-step `s`. This module plans a cheaper layout with the same 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 # The exact segmentation is O(K·R²) in plain Python; above this many steps it falls back to equal-count runs.
@@ -120,7 +121,7 @@ def plan_micro_batches(
 
 def _equal_runs(r: int, k: int) -> list[tuple[int, int]]:
     edges = [round(j * r / k) for j in range(k + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def _optimal_runs(prompt, completion, k, max_tokens) -> list[tuple[int, int]] | None:

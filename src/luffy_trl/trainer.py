@@ -55,6 +55,7 @@ from luffy_trl.config import MixedPolicyGRPOConfig
 from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_rows, trigger_fired
 from luffy_trl.losses import SUPPORTED_LOSS_TYPES
 from luffy_trl.teacher import TeacherTokenizer, teacher_texts
+from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
 from luffy_trl.trainer_generation import (
     IS_OFF_POLICY,
     LOGPROB_COUNTERS,
@@ -63,7 +64,6 @@ from luffy_trl.trainer_generation import (
     TeacherGenerationMixin,
     teacher_slot,
 )
-from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
 from luffy_trl.trainer_loss import MixedLossMixin
 
 __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_slot"]

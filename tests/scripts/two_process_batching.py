@@ -16,11 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from batching_cases import cache_generation, cut_lengths, make_trainer, step_gradients  # noqa: E402
-from conftest import build_tokenizer, shut_down_processes  # noqa: E402
-from trl import GRPOTrainer  # noqa: E402
+import torch
+import torch.distributed as dist
+from batching_cases import cache_generation, cut_lengths, make_trainer, step_gradients
+from conftest import build_tokenizer, shut_down_processes
+from trl import GRPOTrainer
 
 out_dir = sys.argv[1]
 forwards = {"count": 0}
