@@ -56,20 +56,34 @@ def test_every_optimiser_step_has_the_switch_off_gradient(trainers, geometry):
     assert not any((c["completion_mask"].sum(1) == 0).any() for c in chunks_on)  # ...and were not computed
 
 
+def set_entropy(trainer, coef):
+    trainer.args.entropy_coef = trainer.entropy_coef = coef
+    trainer._entropy_bonus_enabled = coef != 0.0
+
+
 @pytest.mark.slow
-def test_bnpo_takes_the_token_mean_over_the_optimiser_step(trainers):
-    """With the switch on, bnpo's per-micro-batch normaliser is the mean token count of the step's micro-batches,
-    so with spg = GA on one process its gradient is the token mean over the generation batch: dapo's."""
-    trainer = trainers["spg_eq_ga"]
-    set_loss(trainer, "bnpo")
-    bnpo_on, _ = step_gradients(trainer, True)
-    bnpo_off, _ = step_gradients(trainer, False)
-    set_loss(trainer, "dapo")
-    dapo_off, _ = step_gradients(trainer, False)
-    assert_same_gradients(bnpo_on, dapo_off)
-    # TRL's own bnpo (switch off) averages per-micro-batch token means: a different value
-    name = next(iter(bnpo_on[0]))
-    assert not torch.allclose(bnpo_off[0][name], bnpo_on[0][name], rtol=1e-4)
+def test_token_means_are_taken_over_the_optimiser_step(trainers):
+    """With the switch on, bnpo and the entropy bonus divide each micro-batch's token sum by the mean token count of
+    the step's micro-batches: the step's gradient is that of the token mean over all its tokens, which is what one
+    micro-batch holding the whole step computes (GA = 1, 8 rows) with the switch off, and independent of how the
+    rows are assigned. TRL's own value (switch off, GA = 2) is a mean of two per-micro-batch means: different."""
+    split, whole = trainers["spg_eq_ga"], trainers["no_ga"]  # the same 8 rows per optimiser step
+    for loss_type, coef in (("bnpo", 0.0), ("dapo", 0.05), ("bnpo", 0.05)):
+        for trainer in (split, whole):
+            set_loss(trainer, loss_type)
+            set_entropy(trainer, coef)
+        try:
+            on, _ = step_gradients(split, True)
+            reference, chunks = step_gradients(whole, False)
+            trl_split, _ = step_gradients(split, False)
+        finally:
+            for trainer in (split, whole):
+                set_entropy(trainer, 0.0)
+        assert chunks[0]["completion_ids"].size(0) == 8
+        assert_same_gradients(on, reference)
+        if loss_type == "bnpo":
+            name = next(iter(on[0]))
+            assert not torch.allclose(trl_split[0][name], on[0][name], rtol=1e-4)
 
 
 @pytest.mark.slow
