@@ -45,7 +45,7 @@ def varied_dataset(n: int = 16) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def make_trainer(tokenizer, out_dir, reward=None, **overrides):
+def make_trainer(tokenizer, out_dir, reward=None, peft_config=None, **overrides):
     args = tiny_args(out_dir, **overrides)
     model = build_model(tokenizer, seed=3).to(torch.float64)
 
@@ -56,7 +56,7 @@ def make_trainer(tokenizer, out_dir, reward=None, **overrides):
 
     trainer = MixedPolicyGRPOTrainer(
         model=model, reward_funcs=reward or default_reward, args=args, train_dataset=varied_dataset(),
-        processing_class=tokenizer,
+        processing_class=tokenizer, peft_config=peft_config,
     )
     trainer.model.train()
     return trainer

@@ -118,3 +118,27 @@ def test_two_processes_same_gradients_and_forward_counts(tmp_path):
         assert rank["changed"] > 0 and rank["ratios"]
     assert ranks[0]["nograd_forwards"] == ranks[1]["nograd_forwards"] > 0
     assert ranks[0]["rows"] != ranks[1]["rows"] or any(len(set(r["rows"]["dapo"])) > 1 for r in ranks)
+
+
+@pytest.mark.slow
+def test_reference_log_probs_cover_teacher_rows(tokenizer, tmp_path):
+    """beta > 0 (PEFT: the reference is the model with its adapter disabled): TRL's second no-grad call. The old
+    log-probs skip teacher rows, the reference ones must not (the KL covers teacher tokens)."""
+    from peft import LoraConfig
+
+    trainer = make_trainer(tokenizer, tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                           steps_per_generation=4, num_generations=4, max_completion_length=24, beta=0.04,
+                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cut_lengths(trainer, LENGTHS)
+    batch = next(iter(trainer.get_train_dataloader()))
+    outputs = {}
+    for switch in (True, False):
+        trainer.args.padding_free_batches = switch
+        torch.manual_seed(1)
+        outputs[switch] = trainer._generate_and_score_completions(batch)
+    on, off = outputs[True], outputs[False]
+    mask = on["completion_mask"].bool()
+    teacher = on["is_off_policy"].unsqueeze(1) & mask
+    assert teacher.any()
+    torch.testing.assert_close(on["ref_per_token_logps"][mask], off["ref_per_token_logps"][mask], rtol=1e-9, atol=1e-9)
+    assert (on["old_per_token_logps"][teacher] == 0).all() and (on["ref_per_token_logps"][teacher] != 0).all()

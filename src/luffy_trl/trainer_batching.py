@@ -46,7 +46,7 @@ def _completion_extents(mask: torch.Tensor) -> torch.Tensor:
 class PaddingFreeBatchingMixin:
     """Reassigns and trims TRL's buffered micro-batches; runs the no-grad forwards over the rows that need them."""
 
-    _nograd_plan = None  # (teacher flags, calls so far) while `_generate_and_score_completions` runs
+    _nograd_plan = None  # teacher flags, no-grad calls and tokens so far, while `_generate_and_score_completions` runs
 
     def _padding_free_enabled(self) -> bool:
         return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
