@@ -35,7 +35,7 @@ ATTRIBUTES = ["eos_token_ids", "_tokenizer", "chat_template", "chat_template_kwa
               "max_completion_length", "mask_truncated_completions", "use_vllm", "vllm_importance_sampling_correction",
               "top_entropy_quantile", "off_policy_mask_threshold", "beta", "epsilon_low", "epsilon_high",
               "loss_type", "aux_loss_enabled", "router_aux_loss_coef", "_entropy_bonus_enabled", "entropy_coef",
-              "reward_weights", "_metrics", "_is_vlm"]
+              "reward_weights", "_metrics", "_is_vlm", "num_iterations", "_step", "_buffered_inputs"]
 OUTPUT_KEYS = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch"}
 
 
