@@ -3,6 +3,7 @@
     python benchmarks/bench_batching.py                              # CPU preset, both length mixes, 5 reps
     python benchmarks/bench_batching.py --preset gpu --length_scale 4 --reps 5   # on a CUDA machine
     python benchmarks/bench_batching.py --reps 1 --steps 2 --mixes early         # smoke test
+    python benchmarks/bench_batching.py --plan_only      # the planner's token counts at LUFFY's scale, no model
 
 Arms (same model initialisation, data, seed, LUFFY's loss settings and geometry):
 * `on`:    MixedPolicyGRPOTrainer, `padding_free_batches=True` (G = 8 = 7 + 1);
@@ -215,6 +216,55 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
     }
 
 
+# LUFFY-scale length draws for `--plan_only` (tokens): prompt range; on-policy median and log-spread; teacher
+# length as a multiple of the group's on-policy median. max_completion_length 8192 as in LUFFY's headline run.
+PLAN_MIXES = {"early": ((100, 400), 1200, 0.6, (4.0, 6.0)), "early_narrow": ((100, 400), 1200, 0.3, (4.0, 6.0)),
+              "late": ((100, 400), 3000, 0.3, (0.8, 1.2))}
+
+
+def plan_only(seeds: int = 20, max_len: int = 8192) -> dict:
+    """Tokens computed / real tokens at LUFFY's scale from the planner alone (no model): 8 groups of 8 (7 + 1) per
+    process and generation batch, 8-row micro-batches, GA = 4, steps_per_generation = 8. TRL pads every row to the
+    batch's longest prompt and completion; the switch plans each optimiser step's window and skips teacher rows in
+    the old-log-prob forwards (budget: 8 rows at full width)."""
+    from luffy_trl.batching import exchangeable_chunks, pack_forwards, padded_tokens, plan_micro_batches
+
+    out = {}
+    for mix, (prompt_range, median, spread, teacher_mult) in PLAN_MIXES.items():
+        ratios = {"trl": [], "on": [], "logprob_trl": [], "logprob_on": []}
+        for seed in range(seeds):
+            rng = random.Random(seed)
+            prompt, completion, teacher = [], [], []
+            for _ in range(8):
+                p = rng.randint(*prompt_range)
+                for slot in range(8):
+                    if slot == 7:
+                        c = rng.uniform(*teacher_mult) * median
+                    else:
+                        c = rng.lognormvariate(0.0, spread) * median
+                    prompt.append(p)
+                    completion.append(max(1, min(max_len, int(c))))
+                    teacher.append(slot == 7)
+            order = list(range(64))
+            rng.shuffle(order)  # TRL's shuffle, then 8 chunks of 8 rows
+            real = sum(prompt) + sum(completion)
+            trl = 64 * (max(prompt) + max(completion))
+            planned = 0
+            for window in exchangeable_chunks(0, 8, 4):
+                rows = [order[8 * j + i] for j in window for i in range(8)]
+                plan = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows], len(window))
+                planned += padded_tokens(plan, [prompt[r] for r in rows], [completion[r] for r in rows])
+            on_policy = [i for i in range(64) if not teacher[i]]
+            batches = pack_forwards(prompt, completion, on_policy, 8 * (max(prompt) + max(completion)))
+            logprob = padded_tokens(batches, prompt, completion)
+            ratios["trl"].append(trl / real)
+            ratios["on"].append(planned / real)
+            ratios["logprob_trl"].append(trl / real)
+            ratios["logprob_on"].append(logprob / real)
+        out[mix] = {key: statistics.median(values) for key, values in ratios.items()}
+    return out
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -252,6 +302,8 @@ def parse_args(argv=None):
     parser.add_argument("--length_scale", type=int, default=1, help="multiply every length (4 on a GPU)")
     parser.add_argument("--out", default=str(RESULTS / "bench_batching.json"))
     parser.add_argument("--replot", default=None, help="only redraw the PNG of an existing result JSON")
+    parser.add_argument("--plan_only", action="store_true",
+                        help="only the planner's token counts at LUFFY's scale (8192-token completions), no model")
     args = parser.parse_args(argv)
     args.preset = args.preset or ("gpu" if device().type == "cuda" else "cpu")
     for key, value in PRESETS[args.preset].items():
@@ -265,6 +317,12 @@ def main(argv=None):
         path = Path(args.replot)
         plot(json.loads(path.read_text())["summary"], path.with_suffix(".png"))
         return None
+    if args.plan_only:
+        result = {"mixes": {m: dict(zip(("prompt_range", "on_policy_median", "log_spread", "teacher_multiple"), v))
+                            for m, v in PLAN_MIXES.items()}, "computed_over_real": plan_only()}
+        (RESULTS / "bench_batching_plan_only.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return result
     tokenizer = toy_tokenizer()
     name = torch.cuda.get_device_name() if device().type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; preset {args.preset}; torch {torch.__version__}", file=sys.stderr)
