@@ -117,6 +117,8 @@ def test_two_processes_same_gradients_and_forward_counts(tmp_path):
             assert difference < 1e-6, (rank["rank"], loss_type, difference)
         assert rank["changed"] > 0 and rank["ratios"]
     assert ranks[0]["nograd_forwards"] == ranks[1]["nograd_forwards"] > 0
+    # the ranks planned different numbers of forwards: the one with fewer ran dummies to match
+    assert ranks[0]["planned_forwards"] != ranks[1]["planned_forwards"]
     assert ranks[0]["rows"] != ranks[1]["rows"] or any(len(set(r["rows"]["dapo"])) > 1 for r in ranks)
 
 
