@@ -78,7 +78,10 @@ def test_num_off_policy_zero_equals_stock_grpo_trainer(tokenizer, tmp_path):
                         train_dataset=math_dataset(), processing_class=tokenizer)
     stock.train()
     common.pop("output_dir")
-    ours = train(tokenizer, tmp_path, varied_reward, num_off_policy=0, on_policy_clip=True, **common)
+    # TRL's fixed micro-batches: trimmed ones agree only up to float rounding, which AdamW (lr 1e-2) amplifies on
+    # near-zero gradient entries; tests/test_batching_trainer.py compares the two layouts' gradients.
+    ours = train(tokenizer, tmp_path, varied_reward, num_off_policy=0, on_policy_clip=True,
+                 padding_free_batches=False, **common)
 
     stock_losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
     our_losses = [h["loss"] for h in ours.state.log_history if "loss" in h]

@@ -6,6 +6,7 @@ and update `luffy_trl/trainer.py` before widening the range.
 """
 
 import inspect
+import re
 
 import pytest
 import trl
@@ -34,7 +35,7 @@ ATTRIBUTES = ["eos_token_ids", "_tokenizer", "chat_template", "chat_template_kwa
               "max_completion_length", "mask_truncated_completions", "use_vllm", "vllm_importance_sampling_correction",
               "top_entropy_quantile", "off_policy_mask_threshold", "beta", "epsilon_low", "epsilon_high",
               "loss_type", "aux_loss_enabled", "router_aux_loss_coef", "_entropy_bonus_enabled", "entropy_coef",
-              "reward_weights", "_metrics", "_is_vlm"]
+              "reward_weights", "_metrics", "_is_vlm", "num_iterations", "_step", "_buffered_inputs"]
 OUTPUT_KEYS = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch"}
 
 
@@ -126,3 +127,35 @@ def test_generation_buffer_and_checkpoint_hooks_that_exact_resume_relies_on():
         "self._load_optimizer_and_scheduler(")
     assert 'checkpoint_folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"' in inspect.getsource(
         Trainer._save_checkpoint)
+
+
+def test_padding_free_batches_hooks_still_hold():
+    """`luffy_trl.trainer_batching` wraps `_prepare_inputs` (reassigns `_buffered_inputs` right after TRL fills it)
+    and `_get_per_token_logps_and_entropies` during `_generate_and_score_completions` (old log-probs first, then
+    reference log-probs; the same condition for the old ones; NaN differences give an IS ratio of 1, which teacher
+    rows' unset old log-probs rely on). Trimming common left padding is exact for RoPE models only because no
+    position ids are passed: positions are column indices, shifted uniformly."""
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    prepare = inspect.getsource(GRPOTrainer._prepare_inputs)
+    for fragment in ["self._step % generate_every == 0 or self._buffered_inputs is None",
+                     "split_tensor_dict(generation_batch, self.args.steps_per_generation)",
+                     "self._buffered_inputs[self._step % self.args.steps_per_generation]",
+                     "generate_every = self.args.steps_per_generation * self.num_iterations"]:
+        assert fragment in prepare, fragment
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    old = source.index("old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    ref = source.index("ref_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    assert old < ref
+    assert source.count("self._get_per_token_logps_and_entropies(") == 3  # old, ref (ref model), ref (PEFT)
+    for fragment in ["self.args.gradient_accumulation_steps % generate_every != 0 or (",
+                     "self.use_vllm and self.vllm_importance_sampling_correction",
+                     "torch.nan_to_num(per_token_logps_diff, nan=0.0)",
+                     "delta = delta[mask & ~torch.isnan(delta)]"]:
+        assert fragment in source, fragment
+    params = list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    assert params[:8] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                          "compute_entropy", "compute_aux_loss"]
+    logps = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert not re.search(r"(?<!image_)position_ids", logps)
+    assert "position_ids = torch.arange(inputs_embeds.shape[1]" in inspect.getsource(qwen2.Qwen2Model.forward)

@@ -331,6 +331,17 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         default=1.0, metadata={"help": "Coefficient of the SFT term with off_policy_loss='sft'."}
     )
 
+    padding_free_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "Train on real tokens only: reassign rows among the micro-batches of each optimiser step by "
+            "length, drop rows without loss tokens, cut each micro-batch to its longest real prompt and completion, "
+            "and skip the old-log-prob forward over teacher rows. Gradients are unchanged for grpo, dr_grpo and "
+            "dapo; bnpo and the entropy/SFT token means use the optimiser step's token count (docs/batching.md). "
+            "False: TRL's fixed padded micro-batches."
+        },
+    )
+
     # ---- inherited fields whose default follows LUFFY ---------------------------------------------------------------
     loss_type: str = field(
         default=_default("loss_type"),

@@ -242,15 +242,18 @@ def mixed_policy_per_token_loss(
     )
 
 
-def sft_nll_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, is_off_policy: torch.Tensor) -> torch.Tensor:
+def sft_nll_loss(per_token_logps: torch.Tensor, mask: torch.Tensor, is_off_policy: torch.Tensor,
+                 tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Token-mean negative log-likelihood of the teacher tokens: Σ(−logp · m_off) / Σ m_off (0 without any).
 
     The SFT term of the "RL w/ SFT loss" baseline (LUFFY's `use_sft_multitask_loss`), per micro-batch; the trainer
     multiplies it by `sft_loss_coef` (and a schedule's loss weight) and divides by gradient accumulation, like
-    TRL's entropy term.
+    TRL's entropy term. `tokens` replaces the micro-batch's teacher-token count (padding-free micro-batches: the
+    mean teacher tokens per micro-batch of the optimiser step).
     """
     off_mask = mask * is_off_policy.to(mask.dtype).view(-1, 1)
-    return (-per_token_logps * off_mask).sum() / off_mask.sum().clamp(min=1.0)
+    tokens = off_mask.sum() if tokens is None else torch.as_tensor(tokens, dtype=per_token_logps.dtype)
+    return (-per_token_logps * off_mask).sum() / tokens.clamp(min=1.0)
 
 
 def aggregate_loss(
@@ -264,6 +267,8 @@ def aggregate_loss(
     gradient_accumulation_steps: int = 1,
     steps_per_generation: int = 1,
     training: bool = True,
+    nominal_rows: int | None = None,
+    bnpo_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss to a scalar with TRL 1.16's normaliser for `loss_type`.
 
@@ -279,17 +284,25 @@ def aggregate_loss(
       TRL's; the trainer then also leaves the entropy bonus undivided (`SUMMED_LOSS_TYPES`).
 
     GA is 1 outside training.
+
+    Padding-free micro-batches (`luffy_trl.batching`) hold a varying number of rows; so that the optimiser step's
+    gradient stays the same, `nominal_rows` (TRL's rows per micro-batch) replaces B in `grpo` and `dr_grpo`, and
+    `bnpo_tokens` (the mean loss tokens per micro-batch of the optimiser step) replaces the micro-batch's Σ m in
+    `bnpo`. Both default to the micro-batch's own values (TRL's definition).
     """
     ga = gradient_accumulation_steps if training else 1
     masked = per_token_loss * mask
+    rows = per_token_loss.size(0) if nominal_rows is None else nominal_rows
     if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / ga
+        per_row = masked.sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return (per_row.mean() if nominal_rows is None else per_row.sum() / rows) / ga
     if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1.0) / ga
+        tokens = mask.sum() if bnpo_tokens is None else torch.as_tensor(bnpo_tokens, dtype=per_token_loss.dtype)
+        return masked.sum() / tokens.clamp(min=1.0) / ga
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("dr_grpo needs max_completion_length.")
-        return masked.sum() / (per_token_loss.size(0) * max_completion_length) / ga
+        return masked.sum() / (rows * max_completion_length) / ga
     if loss_type == "luffy":
         if max_completion_length is None:
             raise ValueError("luffy needs max_completion_length.")

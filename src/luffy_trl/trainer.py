@@ -61,6 +61,7 @@ from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_r
 from luffy_trl.losses import SUPPORTED_LOSS_TYPES
 from luffy_trl.teacher import TeacherTokenizer, teacher_texts
 from luffy_trl.trainer_checkpoint import GenerationCheckpointMixin
+from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
 from luffy_trl.trainer_generation import (
     IS_OFF_POLICY,
     LOGPROB_COUNTERS,
@@ -76,7 +77,9 @@ __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_
 ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
 
-class MixedPolicyGRPOTrainer(GenerationCheckpointMixin, TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
+class MixedPolicyGRPOTrainer(
+    GenerationCheckpointMixin, TeacherGenerationMixin, MixedLossMixin, PaddingFreeBatchingMixin, GRPOTrainer
+):
     """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
 
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds

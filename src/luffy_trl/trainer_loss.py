@@ -10,6 +10,7 @@ import torch
 from trl.trainer.utils import nanmax, nanmin
 
 from luffy_trl.losses import SUMMED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
+from luffy_trl.trainer_batching import BATCHING_INFO
 from luffy_trl.trainer_generation import IS_OFF_POLICY, TEACHER_LOGPS
 
 
@@ -123,6 +124,13 @@ class MixedLossMixin:
                 per_token_kl = per_token_kl * losses.importance_ratio
             per_token_loss = per_token_loss + self.beta * per_token_kl
 
+        # Padding-free micro-batches (`padding_free_batches`) hold a varying number of rows: normalise by TRL's nominal
+        # rows, and take per-micro-batch token means over the mean token count of the optimiser step's micro-batches.
+        batching = inputs.get(BATCHING_INFO) if mode == "train" else None
+        nominal_rows = bnpo_tokens = None
+        if batching is not None:
+            nominal_rows = batching["nominal_rows"]
+            bnpo_tokens = batching["on_policy_tokens" if sft else "tokens"]
         loss = aggregate_loss(
             per_token_loss,
             pg_mask,
@@ -133,6 +141,8 @@ class MixedLossMixin:
             gradient_accumulation_steps=self.current_gradient_accumulation_steps,
             steps_per_generation=self.args.steps_per_generation,
             training=mode == "train",
+            nominal_rows=nominal_rows,
+            bnpo_tokens=bnpo_tokens,
         )
         policy_loss = loss.detach()
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
@@ -142,7 +152,10 @@ class MixedLossMixin:
             # Entropy bonus = mean token entropy over the tokens the policy term acts on, scaled only for gradient
             # accumulation (TRL's definition, L = L_policy − coef · H).
             effective_mask = mask if entropy_mask is None else mask * entropy_mask
-            entropy = (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
+            tokens = effective_mask.sum()
+            if batching is not None and entropy_mask is None:
+                tokens = torch.as_tensor(batching["tokens"], dtype=entropies.dtype)
+            entropy = (entropies * effective_mask).sum() / tokens.clamp(min=1.0)
             loss = loss - self.entropy_coef * entropy / accumulation
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
@@ -150,7 +163,8 @@ class MixedLossMixin:
         sft_nll = None
         if sft:
             # Token-mean NLL over this micro-batch's teacher tokens, scaled like TRL's entropy term (÷ GA).
-            sft_nll = sft_nll_loss(per_token_logps, mask, is_off)
+            sft_nll = sft_nll_loss(per_token_logps, mask, is_off,
+                                   tokens=None if batching is None else batching["off_policy_tokens"])
             loss = loss + self.args.sft_loss_coef * off_policy_weight * sft_nll / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -197,7 +211,9 @@ class MixedLossMixin:
         means = (sums[:n] / sums[n:].clamp(min=1.0)).tolist()
         # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
         seq = torch.stack([(low * on_mask).sum(1), (high * on_mask).sum(1)]) / on_mask.sum(1)
-        seq = self.accelerator.gather(seq.T.contiguous())  # gather concatenates along rows
+        # Reduced locally first: padding-free micro-batches hold different row counts on different processes.
+        local = torch.stack([nanmin(seq[0]), nanmax(seq[1])]).view(1, 2)
+        seq = self.accelerator.gather(local)  # gather concatenates along rows
         extremes = torch.stack([nanmin(seq[:, 0]), nanmax(seq[:, 1])]).tolist()
         for name, value in zip(terms, means):
             metrics[name].append(value)

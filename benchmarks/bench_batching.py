@@ -1,0 +1,362 @@
+"""Padding-free micro-batches (`padding_free_batches`): tokens computed and training time, three arms alternating.
+
+    python benchmarks/bench_batching.py                              # CPU preset, both length mixes, 5 reps
+    python benchmarks/bench_batching.py --preset gpu --length_scale 4 --reps 5   # on a CUDA machine
+    python benchmarks/bench_batching.py --reps 1 --steps 2 --mixes early         # smoke test
+    python benchmarks/bench_batching.py --plan_only      # the planner's token counts at LUFFY's scale, no model
+
+Arms (same model initialisation, data, seed, LUFFY's loss settings and geometry):
+* `on`:    MixedPolicyGRPOTrainer, `padding_free_batches=True` (G = 8 = 7 + 1);
+* `off`:   the same with `padding_free_batches=False` (TRL's fixed padded micro-batches);
+* `stock`: GRPOTrainer, G = 8 on-policy rows at the same on-policy lengths.
+
+Geometry: 8-row micro-batches, GA = 4 (four micro-batches per optimiser step), `steps_per_generation` = 2·GA (LUFFY's
+two optimiser steps per rollout, so TRL computes old log-probs), 64 rows per generation batch.
+
+Lengths are fixed draws, not sampled: generation is replaced by random token ids of a length drawn from the mix (the
+same draws for every arm: the first rows of each call get the same lengths), ended by EOS; teacher traces are
+dataset rows of a drawn length. Mixes: `early` (on-policy lengths spread over [16, 96] tokens, teacher traces 4-6×
+their mean) and `late` (on-policy and teacher lengths both in [200, 320]). Because generation is a table lookup, the
+step time is almost all training; with real sampling the step-time ratio is diluted by generation's share.
+
+Measured per arm (medians over repetitions; the first optimiser step of each run is a warm-up): tokens computed by
+the loss forwards and by the no-grad (old log-prob) forwards, real tokens (prompt + completion of the rows with loss
+tokens), the training part (forward + loss + backward of every micro-step, plus the old-log-prob forwards) and the
+whole optimiser step. Writes `benchmarks/results/bench_batching.json` and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import PRESETS, bench_model, device, sync
+from datasets import Dataset
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer
+from luffy_trl.toy import boxed_answer_reward, toy_tokenizer
+
+ARMS = ("on", "off", "stock")
+RESULTS = Path(__file__).resolve().parent / "results"
+# (on-policy length range, teacher length range) in tokens, before --length_scale
+MIXES = {"early": ((16, 96), (224, 336)), "late": ((200, 320), (200, 320))}
+
+
+_DATASETS: dict = {}
+
+
+def teacher_dataset(tokenizer, n: int, lengths: tuple[int, int], scale: int, seed: int = 0) -> Dataset:
+    """n prompts whose teacher traces are random words of a drawn token length (fixed by `seed`; built once)."""
+    key = (n, lengths, scale, seed)
+    if key not in _DATASETS:
+        _DATASETS[key] = _teacher_dataset(tokenizer, n, lengths, scale, seed)
+    return _DATASETS[key]
+
+
+def _teacher_dataset(tokenizer, n, lengths, scale, seed) -> Dataset:
+    rng = random.Random(seed)
+    words = ["step", "check", "sum", "carry", "digit", "again", "so", "then", "value", "result"]
+    rows = []
+    for i in range(n):
+        target = rng.randint(*lengths) * scale
+        text = ""
+        while len(tokenizer(text)["input_ids"]) < target:
+            text += " " + " ".join(rng.choice(words) for _ in range(16))
+        ids = tokenizer(text)["input_ids"][:target]
+        trace = tokenizer.decode(ids) + f" \\boxed{{{2 * i + 1}}}"
+        rows.append({"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}], "ground_truth": str(2 * i + 1),
+                     "target": [{"role": "assistant", "content": trace}]})
+    return Dataset.from_list(rows)
+
+
+def fixed_generation(lengths: tuple[int, int], scale: int, eos: int, vocab: int, max_len: int):
+    """A stand-in for `GRPOTrainer._generate_single_turn`: call k returns rows of lengths drawn with seed k."""
+    state = {"call": 0}
+
+    def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        rng = random.Random(state["call"])
+        state["call"] += 1
+        ids = []
+        for _ in prompt_ids:
+            n = min(rng.randint(*lengths) * scale, max_len)
+            body = [rng.randrange(3, vocab) for _ in range(n - 1)]
+            ids.append([t if t != eos else 3 for t in body] + [eos])
+        return ids, None
+
+    return generate, state
+
+
+class _StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times = []
+
+    def on_step_begin(self, *args, **kwargs):
+        sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+        sync()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def build(arm: str, args, tokenizer, dataset, max_len: int):
+    on_gpu = device().type == "cuda"
+    common = dict(
+        output_dir="/tmp/luffy-bench-batching", use_cpu=not on_gpu, bf16=args.dtype == "bfloat16",
+        gradient_checkpointing=False, per_device_train_batch_size=8, gradient_accumulation_steps=4,
+        steps_per_generation=8, num_generations=8, max_completion_length=max_len, max_steps=args.steps,
+        learning_rate=1e-5, report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.001, weight_decay=0.01,
+        lr_scheduler_type="constant",
+    )
+    model = bench_model(tokenizer, seed=0, **{k: getattr(args, k) for k in PRESETS["cpu"]}).to(device())
+    if arm == "stock":
+        trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=GRPOConfig(**common),
+                              train_dataset=dataset, processing_class=tokenizer)
+    else:
+        config = MixedPolicyGRPOConfig(num_off_policy=1, padding_free_batches=arm == "on", **common)
+        trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=config,
+                                         train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def real_tokens(inputs) -> int:
+    """Prompt + completion tokens of the rows with loss tokens (left-padded prompts, right-padded completions)."""
+    mask = inputs["completion_mask"]
+    cols = torch.arange(1, mask.size(1) + 1, device=mask.device)
+    extent = (mask.bool() * cols).amax(1)
+    prompt = inputs["prompt_mask"].sum(1)
+    return int((prompt + extent)[extent > 0].sum())
+
+
+def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
+    gc.collect()
+    if device().type == "cuda":
+        torch.cuda.empty_cache()
+    on_policy, teacher = MIXES[mix]
+    scale = args.length_scale
+    max_len = max(on_policy[1], teacher[1]) * scale + 8
+    dataset = teacher_dataset(tokenizer, 64, teacher, scale)
+    trainer = build(arm, args, tokenizer, dataset, max_len)
+    vocab = trainer.model.config.vocab_size if args.vocab_size is None else min(args.vocab_size, len(tokenizer))
+    generate, _ = fixed_generation(on_policy, scale, tokenizer.eos_token_id, min(vocab, len(tokenizer)), max_len)
+    counts = {"loss_computed": [], "loss_real": [], "logprob_computed": 0, "logprob_time": 0.0, "train": []}
+    base_generate, base_logps = GRPOTrainer._generate_single_turn, GRPOTrainer._get_per_token_logps_and_entropies
+    training_step, prepare = trainer.training_step, trainer._generate_and_score_completions
+    step_state = {"train": 0.0, "prepare": 0.0, "micro": 0}
+
+    def logps(self, model, input_ids, *a, **k):
+        if torch.is_grad_enabled():
+            return base_logps(self, model, input_ids, *a, **k)
+        sync()
+        start = time.perf_counter()
+        out = base_logps(self, model, input_ids, *a, **k)
+        sync()
+        counts["logprob_time"] += time.perf_counter() - start
+        counts["logprob_computed"] += input_ids.numel()
+        return out
+
+    def timed_prepare(inputs):
+        sync()
+        start = time.perf_counter()
+        out = prepare(inputs)
+        sync()
+        step_state["prepare"] += time.perf_counter() - start
+        return out
+
+    def timed_step(model, inputs, num_items_in_batch=None):
+        sync()
+        start = time.perf_counter()
+        before = step_state["prepare"]
+        out = training_step(model, inputs, num_items_in_batch)
+        sync()
+        step_state["train"] += time.perf_counter() - start - (step_state["prepare"] - before)
+        step_state["micro"] += 1
+        if step_state["micro"] % 4 == 0:  # one optimiser step: training part = micro-steps + old log-probs
+            counts["train"].append(step_state["train"] + counts["logprob_time"])
+            step_state["train"], counts["logprob_time"] = 0.0, 0.0
+        return out
+
+    compute_loss = trainer._compute_loss
+
+    def counting_loss(model, inputs):
+        counts["loss_computed"].append(inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
+        counts["loss_real"].append(real_tokens(inputs))
+        return compute_loss(model, inputs)
+
+    trainer.training_step, trainer._generate_and_score_completions = timed_step, timed_prepare
+    trainer._compute_loss = counting_loss
+    timer = _StepTimer()
+    trainer.add_callback(timer)
+    GRPOTrainer._generate_single_turn, GRPOTrainer._get_per_token_logps_and_entropies = generate, logps
+    try:
+        trainer.train()
+    finally:
+        GRPOTrainer._generate_single_turn, GRPOTrainer._get_per_token_logps_and_entropies = base_generate, base_logps
+    steps = len(timer.times)
+    loss_computed, loss_real = sum(counts["loss_computed"]), sum(counts["loss_real"])
+    return {
+        "arm": arm, "mix": mix, "optimiser_steps": steps,
+        "loss_tokens_computed": loss_computed, "real_tokens": loss_real,
+        "logprob_tokens_computed": counts["logprob_computed"],
+        "computed_over_real": loss_computed / loss_real,
+        "computed_with_logprobs_over_real": (loss_computed + counts["logprob_computed"]) / loss_real,
+        "train_time": statistics.median(counts["train"][1:] or counts["train"]),
+        "step_time": statistics.median(timer.times[1:] or timer.times),
+    }
+
+
+# LUFFY-scale length draws for `--plan_only` (tokens): prompt range; on-policy median and log-spread; teacher
+# length as a multiple of the group's on-policy median. max_completion_length 8192 as in LUFFY's headline run.
+PLAN_MIXES = {"early": ((100, 400), 1200, 0.6, (4.0, 6.0)), "early_narrow": ((100, 400), 1200, 0.3, (4.0, 6.0)),
+              "late": ((100, 400), 3000, 0.3, (0.8, 1.2))}
+
+
+def plan_only(seeds: int = 20, max_len: int = 8192) -> dict:
+    """Tokens computed / real tokens at LUFFY's scale from the planner alone (no model): 8 groups of 8 (7 + 1) per
+    process and generation batch, 8-row micro-batches, GA = 4, steps_per_generation = 8. TRL pads every row to the
+    batch's longest prompt and completion; the switch plans each optimiser step's window and skips teacher rows in
+    the old-log-prob forwards (budget: 8 rows at full width)."""
+    from luffy_trl.batching import exchangeable_chunks, pack_forwards, padded_tokens, plan_micro_batches
+
+    out = {}
+    for mix, (prompt_range, median, spread, teacher_mult) in PLAN_MIXES.items():
+        ratios = {"trl": [], "on": [], "logprob_trl": [], "logprob_on": []}
+        for seed in range(seeds):
+            rng = random.Random(seed)
+            prompt, completion, teacher = [], [], []
+            for _ in range(8):
+                p = rng.randint(*prompt_range)
+                for slot in range(8):
+                    if slot == 7:
+                        c = rng.uniform(*teacher_mult) * median
+                    else:
+                        c = rng.lognormvariate(0.0, spread) * median
+                    prompt.append(p)
+                    completion.append(max(1, min(max_len, int(c))))
+                    teacher.append(slot == 7)
+            order = list(range(64))
+            rng.shuffle(order)  # TRL's shuffle, then 8 chunks of 8 rows
+            real = sum(prompt) + sum(completion)
+            trl = 64 * (max(prompt) + max(completion))
+            planned = 0
+            for window in exchangeable_chunks(0, 8, 4):
+                rows = [order[8 * j + i] for j in window for i in range(8)]
+                plan = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows], len(window))
+                planned += padded_tokens(plan, [prompt[r] for r in rows], [completion[r] for r in rows])
+            on_policy = [i for i in range(64) if not teacher[i]]
+            batches = pack_forwards(prompt, completion, on_policy, 8 * (max(prompt) + max(completion)))
+            logprob = padded_tokens(batches, prompt, completion)
+            ratios["trl"].append(trl / real)
+            ratios["on"].append(planned / real)
+            ratios["logprob_trl"].append(trl / real)
+            ratios["logprob_on"].append(logprob / real)
+        out[mix] = {key: statistics.median(values) for key, values in ratios.items()}
+    return out
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = list(summary["mixes"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.25
+    for i, arm in enumerate(ARMS):
+        xs = [m + (i - 1) * width for m in range(len(mixes))]
+        axes[0].bar(xs, [summary["mixes"][m][arm]["computed_over_real"] for m in mixes], width, label=arm)
+        axes[1].bar(xs, [summary["mixes"][m][arm]["train_time"] / summary["mixes"][m]["off"]["train_time"]
+                         for m in mixes], width, label=arm)
+    axes[0].axhline(1.15, color="k", ls="--", lw=0.8, label="target 1.15")
+    axes[0].set_title("loss-forward tokens computed / real tokens")
+    axes[1].axhline(0.5, color="k", ls="--", lw=0.8, label="target 0.5 (early)")
+    axes[1].axhline(1.0, color="grey", ls=":", lw=0.8)
+    note = f"{summary['reps']} rep(s)" + ("; too few for timing" if summary["reps"] < 5 else "")
+    axes[1].set_title(f"training part / switch-off arm\n({summary['device']}, {note})", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(range(len(mixes)), mixes)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="model shape (default: gpu on CUDA, else cpu)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="optimiser steps per run; the first is a warm-up")
+    parser.add_argument("--mixes", nargs="+", choices=sorted(MIXES), default=["early", "late"])
+    parser.add_argument("--length_scale", type=int, default=1, help="multiply every length (4 on a GPU)")
+    parser.add_argument("--out", default=str(RESULTS / "bench_batching.json"))
+    parser.add_argument("--replot", default=None, help="only redraw the PNG of an existing result JSON")
+    parser.add_argument("--plan_only", action="store_true",
+                        help="only the planner's token counts at LUFFY's scale (8192-token completions), no model")
+    args = parser.parse_args(argv)
+    args.preset = args.preset or ("gpu" if device().type == "cuda" else "cpu")
+    for key, value in PRESETS[args.preset].items():
+        setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        plot(json.loads(path.read_text())["summary"], path.with_suffix(".png"))
+        return None
+    if args.plan_only:
+        result = {"mixes": {m: dict(zip(("prompt_range", "on_policy_median", "log_spread", "teacher_multiple"), v))
+                            for m, v in PLAN_MIXES.items()}, "computed_over_real": plan_only()}
+        (RESULTS / "bench_batching_plan_only.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return result
+    tokenizer = toy_tokenizer()
+    name = torch.cuda.get_device_name() if device().type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; preset {args.preset}; torch {torch.__version__}", file=sys.stderr)
+    records = []
+    for rep in range(args.reps):
+        for mix in args.mixes:
+            order = ARMS if rep % 2 == 0 else ARMS[::-1]  # alternate to cancel drift
+            by_arm = {arm: run_arm(arm, mix, args, tokenizer) for arm in order}
+            records.append({"rep": rep, "mix": mix, **{arm: by_arm[arm] for arm in ARMS}})
+            print(f"rep {rep} {mix}: computed/real " + ", ".join(
+                f"{a} {by_arm[a]['computed_over_real']:.3f}" for a in ARMS) + "; train time " + ", ".join(
+                f"{a} {by_arm[a]['train_time']:.3f}s" for a in ARMS), file=sys.stderr, flush=True)
+    summary = {"device": name, "preset": args.preset, "reps": args.reps, "steps": args.steps,
+               "length_scale": args.length_scale, "mixes": {}}
+    for mix in args.mixes:
+        rows = [r for r in records if r["mix"] == mix]
+        entry = {}
+        for arm in ARMS:
+            entry[arm] = {key: statistics.median(r[arm][key] for r in rows)
+                          for key in ("computed_over_real", "computed_with_logprobs_over_real", "train_time",
+                                      "step_time", "loss_tokens_computed", "real_tokens", "logprob_tokens_computed")}
+        for other in ("off", "stock"):
+            for key in ("train_time", "step_time"):
+                values = [r["on"][key] / r[other][key] for r in rows]
+                entry[f"on_over_{other}_{key}"] = {"median": statistics.median(values), "min": min(values),
+                                                   "max": max(values), "n": len(values)}
+        summary["mixes"][mix] = entry
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "records": records}, indent=2))
+    plot(summary, out.with_suffix(".png"))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Padding-aware micro-batches as plain functions (no model, no trainer): which row goes to which micro-batch.
+
+TRL 1.16 pads every completion of a generation batch to the longest one, shuffles the rows and splits them into
+`steps_per_generation` chunks of `per_device_train_batch_size` rows; chunk `s % steps_per_generation` is the
+micro-batch of micro-step `s`. This module plans a cheaper layout with the same gradients (docs/batching.md):
+
+1. `exchangeable_chunks`: which chunks feed exactly the same optimiser steps, so rows may move between them without
+   changing any optimiser step's gradient (never across optimiser steps: each step keeps the random subset of rows
+   TRL's shuffle gave it).
+2. `plan_micro_batches`: within such a window of K chunks, a new assignment of the rows to K micro-batches (the
+   Trainer and DeepSpeed count K accumulation micro-steps, so K stays fixed; the rows per micro-batch vary), sorted
+   by length and cut into contiguous runs that minimise the tokens computed under a per-micro-batch token budget.
+   Rows that take no part in the loss (all-zero loss mask) are left out.
+3. `trim_widths`: the prompt and completion widths a micro-batch needs (its longest real prompt and completion).
+4. `pack_forwards`: the no-grad forwards (old / reference log-probs) as length-sorted, budgeted batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+# The exact segmentation is O(K·R²) in plain Python; above this many steps it falls back to equal-count runs.
+MAX_EXACT_PLAN_WORK = 4_000_000
+
+
+def exchangeable_chunks(
+    generation_step: int,
+    steps_per_generation: int,
+    gradient_accumulation_steps: int,
+    num_iterations: int = 1,
+) -> list[list[int]]:
+    """Partition the chunk indices 0..spg-1 into windows of chunks whose rows may be exchanged.
+
+    A generation happens at micro-step `generation_step`; micro-steps `s` up to the next generation use chunk
+    `s % spg` and belong to optimiser step `s // GA`. Two chunks are exchangeable when they are used by the same
+    multiset of optimiser steps. That multiset is only certain when generation batches and optimiser steps are
+    aligned: `generation_step` is a multiple of `spg·μ` (TRL's regular schedule, not a resume with an empty buffer)
+    and either GA divides `spg·μ` (each optimiser step lies inside one generation batch; with the Trainer's
+    end-of-epoch partial steps too, because an epoch holds whole generation batches) or `spg·μ` divides GA (the
+    whole generation batch lies inside one optimiser step). Otherwise every chunk is its own window (trim only).
+
+    Examples: spg = GA: one window of all chunks; spg = 2·GA (LUFFY's headline run): two windows of GA chunks;
+    GA = 2·spg: one window; GA = 3, spg = 2: no exchange.
+    """
+    spg, ga, mu = steps_per_generation, gradient_accumulation_steps, num_iterations
+    if spg < 1 or ga < 1 or mu < 1:
+        raise ValueError(f"steps_per_generation, gradient_accumulation_steps and num_iterations must be >= 1, "
+                         f"got {spg}, {ga}, {mu}.")
+    every = spg * mu
+    aligned = generation_step % every == 0 and (every % ga == 0 or ga % every == 0)
+    if not aligned:
+        return [[j] for j in range(spg)]
+    signature: dict[int, list[int]] = {j: [] for j in range(spg)}
+    for s in range(generation_step, generation_step + every):
+        signature[s % spg].append(s // ga)
+    windows: dict[tuple, list[int]] = {}
+    for j in range(spg):
+        windows.setdefault(tuple(signature[j]), []).append(j)
+    return list(windows.values())
+
+
+def _segment_cost(prompt: Sequence[int], completion: Sequence[int], start: int, end: int) -> int:
+    return (end - start) * (max(prompt[start:end]) + max(1, max(completion[start:end])))
+
+
+def plan_micro_batches(
+    prompt_lengths: Sequence[int],
+    completion_lengths: Sequence[int],
+    num_micro_batches: int,
+    *,
+    active: Sequence[bool] | None = None,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """Assign the rows of one window to exactly `num_micro_batches` non-empty micro-batches.
+
+    Args:
+        prompt_lengths: real (unpadded) prompt length of each row.
+        completion_lengths: real completion length of each row (the extent of its completion mask).
+        num_micro_batches: K, the micro-steps of the window (fixed: the Trainer and DeepSpeed count them).
+        active: rows that take part in the loss; inactive rows (all-zero loss mask) are left out, except that a
+            micro-batch with no active row gets one inactive row (the shortest) so that every micro-step still
+            runs a forward and backward on every process.
+        max_tokens: budget of padded tokens (rows × (longest prompt + longest completion)) per micro-batch. Default:
+            `ceil(R / K)` rows at the window's longest prompt + completion, i.e. never more than TRL's own
+            micro-batch holds.
+
+    Returns:
+        K lists of row indices, longest micro-batch first. Active rows are sorted by total length (descending) and
+        cut into K contiguous runs that minimise the total padded tokens under the budget (ties: the smaller
+        largest micro-batch). Every active row appears exactly once.
+    """
+    n = len(prompt_lengths)
+    if len(completion_lengths) != n or (active is not None and len(active) != n):
+        raise ValueError("prompt_lengths, completion_lengths and active must have one entry per row.")
+    k = num_micro_batches
+    if k < 1 or n < k:
+        raise ValueError(f"Cannot fill {k} micro-batches from {n} rows; each micro-batch needs at least one row.")
+    active = [True] * n if active is None else [bool(a) for a in active]
+    rows = sorted((i for i in range(n) if active[i]),
+                  key=lambda i: (-(prompt_lengths[i] + completion_lengths[i]), -completion_lengths[i], i))
+    spare = sorted((i for i in range(n) if not active[i]),
+                   key=lambda i: (prompt_lengths[i] + completion_lengths[i], i))
+    if len(rows) < k:  # one active row per micro-batch, then fill with the shortest inactive rows
+        batches = [[i] for i in rows] + [[i] for i in spare[: k - len(rows)]]
+        return batches
+    prompt = [prompt_lengths[i] for i in rows]
+    completion = [completion_lengths[i] for i in rows]
+    r = len(rows)
+    if max_tokens is None:
+        per_batch = -(-n // k)
+        max_tokens = per_batch * (max(prompt_lengths) + max(1, max(completion_lengths)))
+    if k * r * r > MAX_EXACT_PLAN_WORK:
+        bounds = _equal_runs(r, k)
+    else:
+        bounds = _optimal_runs(prompt, completion, k, max_tokens)
+        if bounds is None:  # budget infeasible (a user budget below the longest rows): ignore it
+            bounds = _optimal_runs(prompt, completion, k, None)
+    return [[rows[i] for i in range(a, b)] for a, b in bounds]
+
+
+def _equal_runs(r: int, k: int) -> list[tuple[int, int]]:
+    edges = [round(j * r / k) for j in range(k + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _optimal_runs(prompt, completion, k, max_tokens) -> list[tuple[int, int]] | None:
+    """Cut rows 0..r-1 (sorted) into k non-empty contiguous runs minimising (total cost, largest cost)."""
+    r = len(prompt)
+    inf = (float("inf"), float("inf"))
+    cost = [[0] * (r + 1) for _ in range(r)]
+    for a in range(r):
+        p = c = 0
+        for b in range(a + 1, r + 1):
+            p, c = max(p, prompt[b - 1]), max(c, completion[b - 1])
+            cost[a][b] = (b - a) * (p + max(1, c))
+    # best[j][b]: best (total, largest) for rows 0..b-1 in j runs
+    best = [[inf] * (r + 1) for _ in range(k + 1)]
+    cut = [[0] * (r + 1) for _ in range(k + 1)]
+    best[0][0] = (0, 0)
+    for j in range(1, k + 1):
+        for b in range(j, r - (k - j) + 1):
+            for a in range(j - 1, b):
+                prev = best[j - 1][a]
+                if prev == inf:
+                    continue
+                seg = cost[a][b]
+                if max_tokens is not None and seg > max_tokens:
+                    continue
+                cand = (prev[0] + seg, max(prev[1], seg))
+                if cand < best[j][b]:
+                    best[j][b], cut[j][b] = cand, a
+    if best[k][r] == inf:
+        return None
+    bounds, b = [], r
+    for j in range(k, 0, -1):
+        a = cut[j][b]
+        bounds.append((a, b))
+        b = a
+    return bounds[::-1]
+
+
+def trim_widths(prompt_lengths: Sequence[int], completion_lengths: Sequence[int]) -> tuple[int, int]:
+    """(prompt width, completion width) a micro-batch needs: its longest real prompt and completion (at least 1)."""
+    return max(1, max(prompt_lengths)), max(1, max(completion_lengths))
+
+
+def padded_tokens(batches: Sequence[Sequence[int]], prompt_lengths, completion_lengths) -> int:
+    """Tokens computed when each micro-batch is cut to its own `trim_widths`."""
+    total = 0
+    for rows in batches:
+        p, c = trim_widths([prompt_lengths[i] for i in rows], [completion_lengths[i] for i in rows])
+        total += len(rows) * (p + c)
+    return total
+
+
+def pack_forwards(
+    prompt_lengths: Sequence[int],
+    completion_lengths: Sequence[int],
+    rows: Sequence[int],
+    max_tokens: int,
+) -> list[list[int]]:
+    """Length-sorted batches of `rows` for no-grad forwards, each within `max_tokens` padded tokens.
+
+    Greedy over rows sorted by total length (descending): a row joins the current batch while rows × (longest
+    prompt + longest completion) stays within the budget. A row longer than the budget gets a batch of its own.
+    """
+    order = sorted(rows, key=lambda i: (-(prompt_lengths[i] + completion_lengths[i]), i))
+    batches: list[list[int]] = []
+    p = c = 0
+    for i in order:
+        np_, nc = max(p, prompt_lengths[i]), max(c, max(1, completion_lengths[i]))
+        if batches and (len(batches[-1]) + 1) * (np_ + nc) <= max_tokens:
+            batches[-1].append(i)
+            p, c = np_, nc
+        else:
+            batches.append([i])
+            p, c = prompt_lengths[i], max(1, completion_lengths[i])
+    return batches

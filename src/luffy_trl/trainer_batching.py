@@ -1,0 +1,238 @@
+"""Padding-free micro-batches and no-grad forwards over the rows that need them (`padding_free_batches`).
+
+`PaddingFreeBatchingMixin` is one of the pieces of `MixedPolicyGRPOTrainer` (`luffy_trl.trainer`). It wraps two TRL
+1.16 methods with `super()` and leaves their bodies alone (docs/batching.md has the design):
+
+* `_prepare_inputs`: after TRL has generated, shuffled and split a generation batch into `self._buffered_inputs`,
+  the rows of the chunks that feed the same optimiser steps (`luffy_trl.batching.exchangeable_chunks`) are
+  reassigned by length (`plan_micro_batches`), rows without loss tokens are dropped, and each chunk is cut to its
+  own longest real prompt and completion. The number of chunks (micro-steps) does not change.
+* `_get_per_token_logps_and_entropies`, only while `_generate_and_score_completions` runs its no-grad forwards
+  (old and reference log-probs): length-sorted, trimmed batches; no old-log-prob forward over teacher rows (they
+  never read it: π_φ = 1, ratio exactly 1; their value is 0). Every process runs the same number of forwards
+  (ZeRO-3 gathers weights inside each): the count is gathered and a process with fewer runs tiny dummy forwards.
+
+Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call and one gather of the token
+counters per training generation batch; both branches depend on config and mode only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from luffy_trl.batching import exchangeable_chunks, pack_forwards, plan_micro_batches
+from luffy_trl.trainer_generation import IS_OFF_POLICY
+
+# Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
+BATCHING_INFO = "_batching"
+PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+
+
+def _prompt_lengths(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Left-padded prompts: columns from the first real token to the end."""
+    width = prompt_mask.size(1)
+    first = torch.where(prompt_mask.any(1), prompt_mask.int().argmax(1), torch.full_like(prompt_mask[:, 0], width,
+                                                                                          dtype=torch.long))
+    return width - first
+
+
+def _completion_extents(mask: torch.Tensor) -> torch.Tensor:
+    """Right-padded completions: columns up to and including the last masked-in token (0 for an all-zero row)."""
+    width = mask.size(1)
+    cols = torch.arange(1, width + 1, device=mask.device)
+    return (mask.bool() * cols).amax(1) if width else torch.zeros(mask.size(0), dtype=torch.long, device=mask.device)
+
+
+class PaddingFreeBatchingMixin:
+    """Reassigns and trims TRL's buffered micro-batches; runs the no-grad forwards over the rows that need them."""
+
+    _nograd_plan = None  # teacher flags, no-grad calls and tokens so far, while `_generate_and_score_completions` runs
+
+    def _padding_free_enabled(self) -> bool:
+        return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training micro-batches
+    # ------------------------------------------------------------------------------------------------------------
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return super()._prepare_inputs(generation_batch)
+        spg = self.args.steps_per_generation
+        generate_every = spg * self.num_iterations
+        step = self._step
+        regenerates = step % generate_every == 0 or self._buffered_inputs is None
+        inputs = super()._prepare_inputs(generation_batch)
+        if not regenerates:
+            return inputs
+        chunks = self._buffered_inputs
+        baseline = sum(self._chunk_tokens(chunk) for chunk in chunks)
+        real = sum(self._chunk_real_tokens(chunk) for chunk in chunks)
+        if self._padding_free_enabled():
+            windows = [[j] for j in range(spg)]
+            if self.top_entropy_quantile >= 1.0:  # the entropy quantile is per micro-batch: keep TRL's rows
+                windows = exchangeable_chunks(step, spg, self.args.gradient_accumulation_steps, self.num_iterations)
+            chunks = self._replan_chunks(chunks, windows)
+            self._buffered_inputs = chunks
+        computed = sum(self._chunk_tokens(chunk) for chunk in chunks)
+        self._log_batching_metrics(baseline, computed, real)
+        return self._buffered_inputs[step % spg]
+
+    @staticmethod
+    def _loss_mask(chunk) -> torch.Tensor:
+        mask = chunk["completion_mask"]
+        return mask if chunk.get("tool_mask") is None else mask * chunk["tool_mask"]
+
+    @staticmethod
+    def _chunk_tokens(chunk) -> int:
+        return chunk["prompt_ids"].numel() + chunk["completion_ids"].numel()
+
+    def _chunk_real_tokens(self, chunk) -> int:
+        extents = _completion_extents(self._loss_mask(chunk))
+        active = extents > 0
+        return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
+
+    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]]) -> list[dict]:
+        """New chunks: rows reassigned within each window, rows without loss tokens dropped, columns trimmed."""
+        out = [None] * len(chunks)
+        for window in windows:
+            merged = _concat_rows([chunks[j] for j in window])
+            nominal = chunks[window[0]]["completion_ids"].size(0)
+            mask = self._loss_mask(merged)
+            prompt_len = _prompt_lengths(merged["prompt_mask"]).tolist()
+            completion_len = _completion_extents(mask).tolist()
+            active = [c > 0 for c in completion_len]
+            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active)
+            is_off = merged.get(IS_OFF_POLICY)
+            is_off = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device) if is_off is None else is_off
+            row_tokens = mask.sum(1).float()
+            k = len(window)
+            info = {
+                "nominal_rows": nominal,
+                # mean loss tokens per micro-batch of the window: the per-micro-batch token-mean normaliser
+                "tokens": row_tokens.sum().item() / k,
+                "on_policy_tokens": row_tokens[~is_off].sum().item() / k,
+                "off_policy_tokens": row_tokens[is_off].sum().item() / k,
+            }
+            for j, rows in zip(window, plan):
+                p = max(1, max(prompt_len[i] for i in rows))
+                c = max(1, max(completion_len[i] for i in rows))
+                out[j] = _take_rows(merged, torch.tensor(rows, device=mask.device), p, c)
+                out[j][BATCHING_INFO] = info
+        return out
+
+    def _log_batching_metrics(self, baseline: int, computed: int, real: int) -> None:
+        counts = torch.tensor([float(baseline), float(computed), float(real)], device=self.accelerator.device)
+        baseline, computed, real = self.accelerator.reduce(counts, reduction="sum").tolist()
+        metrics = self._metrics["train"]
+        metrics["batching/computed_tokens"].append(computed)
+        metrics["batching/real_tokens"].append(real)
+        metrics["batching/padding_ratio"].append(computed / max(real, 1.0))
+        metrics["batching/fixed_batch_tokens"].append(baseline)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # No-grad forwards (old and reference log-probs)
+    # ------------------------------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        if not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        is_off = [bool(row.get(IS_OFF_POLICY, False)) for row in inputs]
+        self._nograd_plan = {"is_off": is_off, "calls": 0, "tokens": 0, "enabled": self._padding_free_enabled()}
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            tokens = torch.tensor(float(self._nograd_plan["tokens"]), device=self.accelerator.device)
+        finally:
+            self._nograd_plan = None
+        tokens = self.accelerator.reduce(tokens, reduction="sum").item()
+        self._metrics["train"]["batching/logprob_computed_tokens"].append(tokens)
+        return output
+
+    def _old_logps_needed(self) -> bool:
+        """TRL 1.16's condition for the old-log-prob forward (`_generate_and_score_completions`)."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0 or (
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        plan = self._nograd_plan
+        if plan is not None and not torch.is_grad_enabled() and not plan["enabled"]:  # switch off: count only
+            plan["tokens"] += input_ids.numel()
+        if plan is None or not plan["enabled"] or torch.is_grad_enabled() or compute_entropy or compute_aux_loss or any(
+            v is not None for v in kwargs.values()
+        ):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **kwargs)
+        # TRL computes the old log-probs first (when needed), then the reference log-probs (beta != 0).
+        is_old = plan["calls"] == 0 and self._old_logps_needed()
+        plan["calls"] += 1
+        completion_mask = attention_mask[:, -logits_to_keep:]
+        prompt_len = _prompt_lengths(attention_mask[:, :-logits_to_keep]).tolist()
+        completion_len = _completion_extents(completion_mask).tolist()
+        rows = [i for i, c in enumerate(completion_len) if c > 0 and not (is_old and plan["is_off"][i])]
+        batch_size = batch_size or input_ids.size(0)
+        budget = batch_size * input_ids.size(1)
+        batches = pack_forwards(prompt_len, completion_len, rows, budget)
+        counts = self.accelerator.gather(torch.tensor([len(batches)], device=input_ids.device))
+        num_forwards = int(counts.max())
+        out = None
+        computed = 0
+        width = input_ids.size(1)
+        for batch in batches:
+            p = max(1, max(prompt_len[i] for i in batch))
+            c = max(1, max(completion_len[i] for i in batch))
+            index = torch.tensor(batch, device=input_ids.device)
+            ids = input_ids[index][:, width - logits_to_keep - p: width - logits_to_keep + c]
+            mask = attention_mask[index][:, width - logits_to_keep - p: width - logits_to_keep + c]
+            logps, _, _ = super()._get_per_token_logps_and_entropies(model, ids, mask, c, batch_size=len(batch))
+            if out is None:
+                out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=logps.dtype, device=logps.device)
+            out[index, :c] = logps
+            computed += ids.numel()
+        for _ in range(num_forwards - len(batches)):  # keep the forward count equal on every process (ZeRO-3)
+            super()._get_per_token_logps_and_entropies(model, input_ids[:1, -2:], torch.ones_like(input_ids[:1, -2:]),
+                                                       1, batch_size=1)
+            computed += 2
+        if out is None:
+            out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=torch.float32, device=input_ids.device)
+        plan["tokens"] += computed
+        return out, None, None
+
+
+def _concat_rows(chunks: list[dict]) -> dict:
+    """Concatenate the per-row entries of several chunks (same keys; completions right-padded, prompts left)."""
+    if len(chunks) == 1:
+        return dict(chunks[0])
+    rows = chunks[0]["completion_ids"].size(0)
+    merged = {}
+    for key, value in chunks[0].items():
+        if key == BATCHING_INFO:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == rows:
+            merged[key] = torch.cat([chunk[key] for chunk in chunks], dim=0)
+        elif isinstance(value, list) and len(value) == rows:
+            merged[key] = [item for chunk in chunks for item in chunk[key]]
+        else:  # 0-dim tensors (num_items_in_batch), None and other shared entries are the same in every chunk
+            merged[key] = value
+    return merged
+
+
+def _take_rows(merged: dict, index: torch.Tensor, prompt_width: int, completion_width: int) -> dict:
+    """The rows `index` of `merged`, prompts cut to their last `prompt_width` columns (left padding) and every
+    completion-aligned tensor (second dimension = the completion width) to its first `completion_width` columns."""
+    total = merged["completion_ids"].size(0)
+    full = merged["completion_ids"].size(1)
+    chunk = {}
+    rows = index.tolist()
+    for key, value in merged.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == total:
+            value = value[index]
+            if key in PROMPT_KEYS:
+                value = value[:, value.size(1) - min(prompt_width, value.size(1)):]
+            elif value.dim() >= 2 and value.size(1) == full:
+                value = value[:, :completion_width]
+        elif isinstance(value, list) and len(value) == total:
+            value = [value[i] for i in rows]
+        chunk[key] = value
+    return chunk
