@@ -17,6 +17,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen backlog: the default 5 resets connections under high concurrency
+
+
 def _prompt_of(body: dict) -> str:
     if "messages" in body:
         return "\n".join(str(m.get("content", "")) for m in body["messages"])
@@ -39,7 +43,7 @@ class FakeOpenAIServer:
         self.max_in_flight = 0
         self._in_flight = 0
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _Server(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -72,23 +76,30 @@ class FakeOpenAIServer:
                 pass
 
             def _send(self, status: int, payload: bytes) -> None:
+                self._done()  # the client may send its next request as soon as it has this reply
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def _done(self) -> None:
+                with server._lock:
+                    if self._counted:
+                        self._counted = False
+                        server._in_flight -= 1
+
             def do_POST(self):  # noqa: N802 (http.server's name)
                 with server._lock:
                     server._in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server._in_flight)
+                    self._counted = True
                 try:
                     self._answer()
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
                     pass
                 finally:
-                    with server._lock:
-                        server._in_flight -= 1
+                    self._done()
 
             def _answer(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))

@@ -149,11 +149,12 @@ RewardFunc = Callable[..., list]
 
 def verify_samples(texts: Sequence[str], problems: Sequence[Problem], rows: Sequence[dict],
                    reward_funcs: RewardFunc | Sequence[RewardFunc], *, reward_weights: Sequence[float] | None = None,
-                   threshold: float = 1.0) -> list[float]:
+                   threshold: float = 1.0, conversational: bool = True, extra_kwargs: dict | None = None) -> list[float]:
     """Weighted total reward of each text, scored like training: each reward function gets TRL's arguments
-    (`prompts`, `completions` as assistant messages, `completion_ids=None`, the row's other columns, `ground_truth`
-    the problem's gold). A text counts as correct when its total is at least `threshold`. None rewards are skipped
-    (TRL's nansum); a text whose every reward is None gets NaN (not correct)."""
+    (`prompts`, `completions` as assistant messages, or plain strings when not `conversational`,
+    `completion_ids=None`, the row's other columns, `ground_truth` the problem's gold, and `extra_kwargs`). A text
+    counts as correct when its total is at least `threshold`. None rewards are skipped (TRL's nansum); a text whose
+    every reward is None gets NaN (not correct)."""
     funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     weights = list(reward_weights) if reward_weights is not None else [1.0] * len(funcs)
     if len(weights) != len(funcs):
@@ -162,8 +163,11 @@ def verify_samples(texts: Sequence[str], problems: Sequence[Problem], rows: Sequ
         return []
     columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
     columns["ground_truth"] = [p.gold for p in problems]
-    prompts = [list(p.prompt) for p in problems]
-    completions = [[{"role": "assistant", "content": t}] for t in texts]
+    columns.update(extra_kwargs or {})
+    if conversational:
+        prompts, completions = [list(p.prompt) for p in problems], [[{"role": "assistant", "content": t}] for t in texts]
+    else:
+        prompts, completions = [p.prompt[-1]["content"] for p in problems], list(texts)
     totals = [math.nan] * len(texts)
     for func, weight in zip(funcs, weights):
         values = func(prompts=prompts, completions=completions, completion_ids=None, **columns)
