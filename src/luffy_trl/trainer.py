@@ -38,6 +38,8 @@ this process's own rows (whether it holds a teacher row, a trace, a failed group
   `num_off_policy > 0` (the counters are set on every process by `_plan_teacher_rows`).
 - `_compute_loss`: `gather` of the policy loss when the entropy bonus is on, of the aux loss when enabled (config);
   `_log_loss_metrics`: one `reduce` and one `gather`, every call.
+- `LiveTeacherMixin` (`luffy_trl.trainer_live`): one `broadcast_object_list`, one `gather_object` and one `gather`
+  per training generation batch while the live teacher is on (config).
 - `LuffyEvalCallback`: see `luffy_trl.evaluation.callback`.
 `tests/test_vllm_alignment.py` runs two processes against TRL's real server-mode client with batches where one
 process holds no teacher row, a schedule leaves groups without one, or a trace is missing on one process only.
@@ -63,6 +65,7 @@ from luffy_trl.trainer_generation import (
     TeacherGenerationMixin,
     teacher_slot,
 )
+from luffy_trl.trainer_live import LiveTeacherMixin
 from luffy_trl.trainer_loss import MixedLossMixin
 
 __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_slot"]
@@ -70,7 +73,7 @@ __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_
 ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
 
-class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
+class MixedPolicyGRPOTrainer(LiveTeacherMixin, TeacherGenerationMixin, MixedLossMixin, GRPOTrainer):
     """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
 
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds
@@ -105,6 +108,7 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
                 "luffy_trl.MixedPolicyGRPOConfig(...) (it accepts every GRPOConfig field)."
             )
         self._check_supported(args, train_dataset, kwargs)
+        live_teacher = kwargs.pop("live_teacher", None)  # luffy_trl.trainer_live
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          **kwargs)
         if self._is_vlm and args.num_off_policy > 0:
@@ -133,6 +137,7 @@ class MixedPolicyGRPOTrainer(TeacherGenerationMixin, MixedLossMixin, GRPOTrainer
         self._teacher_logps_rows = None  # local row -> aligned teacher log-probs (off_policy_logprobs_column)
         self._guidance = None  # the trigger's decisions for the current generation batch (global tensors)
         self._generation_key = (-1, -1)  # (global step, index of the generation batch within that step)
+        self._setup_live_teacher(live_teacher)
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction-time checks
