@@ -16,8 +16,9 @@ Data flow of one generation batch (docs/method.md has the formulas):
 
 Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL's.
 
-The class is assembled from two mixins: `trainer_generation.TeacherGenerationMixin` (steps 1-2) and
-`trainer_loss.MixedLossMixin` (step 4); this module holds construction, rewards, guidance and batch metrics.
+The class is assembled from mixins: `trainer_generation.TeacherGenerationMixin` (steps 1-2),
+`trainer_loss.MixedLossMixin` (step 4) and `trainer_live.LiveTeacherMixin` (an optional live teacher that fills
+trace-less teacher slots); this module holds construction, rewards, guidance and batch metrics.
 Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
 
 Collectives: the rule that keeps processes aligned. Every process must issue the same sequence of collective calls

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list, gather, gather_object
 
+from luffy_trl.data import _ground_truth
 from luffy_trl.teacher import teacher_texts
 from luffy_trl.trainer_generation import teacher_slot
 
@@ -48,12 +49,6 @@ def prompt_key(prompt, gold) -> str:
     """The live cache's key of a prompt (a string or messages) and its gold answer."""
     return hashlib.sha256(json.dumps([prompt, "" if gold is None else str(gold)], sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
-
-
-def _gold(row: dict):
-    if row.get("reward_model") is not None:
-        return row["reward_model"].get("ground_truth")
-    return row.get("ground_truth")
 
 
 class LiveTeacherMixin:
@@ -172,7 +167,7 @@ class LiveTeacherMixin:
         for i, row in enumerate(inputs):
             if teacher_slot(base + i, self.num_generations, self.num_off_policy) is not None and not _has_trace(
                     row, column):
-                key = prompt_key(row.get("prompt"), _gold(row))
+                key = prompt_key(row.get("prompt"), _ground_truth(row))
                 if key in traces:
                     row = {**row, column: list(traces[key])}
                     filled += 1
@@ -192,7 +187,7 @@ class LiveTeacherMixin:
         for i, row in enumerate(inputs):
             group, first = divmod(base + i, self.num_generations)
             if first == 0 and needed[group] and not _has_trace(row, args.off_policy_column):
-                mine.append((prompt_key(row.get("prompt"), _gold(row)), row))
+                mine.append((prompt_key(row.get("prompt"), _ground_truth(row)), row))
         everyone = gather_object(mine) if self.accelerator.num_processes > 1 else mine
         requested = 0
         if self.accelerator.is_main_process:
@@ -202,8 +197,7 @@ class LiveTeacherMixin:
                 live["asked"].add(key)
                 prompt = row.get("prompt")
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-                gold = _gold(row)
-                live["client"].submit(key, messages, "" if gold is None else str(gold),
+                live["client"].submit(key, messages, _ground_truth(row),
                                       {k: v for k, v in row.items() if k != "is_off_policy"})
                 requested += 1
         return requested

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from luffy_trl.data import set_system_prompt, strip_think_opener
+from luffy_trl.data import _ground_truth, set_system_prompt, strip_think_opener
 from luffy_trl.evaluation.protocols import Protocol
 from luffy_trl.evaluation.runner import GenerationCache, Problem, _problem_id, build_requests, run_hash
 
@@ -73,14 +73,6 @@ class TraceSummary:
         return {**asdict(self), "yield_fraction": self.yield_fraction}
 
 
-def _ground_truth(row: dict, gold_column: str | None):
-    if gold_column is not None:
-        return row[gold_column]
-    if row.get("reward_model") is not None:
-        return row["reward_model"].get("ground_truth")
-    return row.get("ground_truth")
-
-
 def problems_from_dataset(dataset, *, prompt_column: str = "prompt", gold_column: str | None = None,
                           teacher_system_prompt: str | None = None,
                           name: str = "traces") -> tuple[list[Problem], list[str], dict[str, dict]]:
@@ -111,7 +103,7 @@ def problems_from_dataset(dataset, *, prompt_column: str = "prompt", gold_column
             raise TypeError(f"row {index}: column {prompt_column!r} must hold a string or a list of "
                             f"{{'role', 'content'}} messages, got {str(prompt)[:100]!r}")
         prompt = set_system_prompt(prompt, "keep")
-        gold = _ground_truth(row, gold_column)
+        gold = _ground_truth(row) if gold_column is None else row[gold_column]
         gold = "" if gold is None else str(gold)
         key = _problem_id(prompt, gold)
         row_ids.append(key)
