@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import build_model, contains_answer_reward, math_dataset, tiny_args
+from conftest import build_model, contains_answer_reward, math_dataset, requires_torchrun, run_two_processes, tiny_args
 
 from luffy_trl import MixedPolicyGRPOTrainer
 from luffy_trl.evaluation.backends import Generation
@@ -158,3 +158,31 @@ def test_live_teacher_fields_have_help_and_docs(tmp_path):
         assert fields[name].metadata.get("help") and name in MixedPolicyGRPOConfig.__doc__, name
         value = getattr(config, name)
         assert f"`{value!r}`" in rows[name][1] or f"`{value}`" in rows[name][1], name
+
+
+@pytest.mark.slow
+@requires_torchrun
+def test_two_processes_agree_on_live_traces(tmp_path):
+    ranks = run_two_processes(pathlib.Path(__file__).parent / "scripts" / "two_process_live_teacher.py", tmp_path)
+    assert ranks[0]["traces"] == ranks[1]["traces"]  # the same cache on every process
+    live = {"What is 1 + 2?", "What is 3 + 4?"}  # verified; "What is 4 + 5?" was answered wrongly
+    assert len(ranks[0]["traces"]) == 2
+    with_trace = {"What is 0 + 1?", "What is 2 + 3?", "What is 5 + 6?"}
+    cached_before = set()
+    filled = 0
+    # training batches only (rank 0's reward function also scores the live samples it verifies, one per record)
+    batches = [[r for r in rank["records"] if len(r["prompts"]) == 6] for rank in ranks]
+    assert len(batches[0]) == len(batches[1]) == 4
+    for rec0, rec1 in zip(*batches):
+        prompts, flags = rec0["prompts"] + rec1["prompts"], rec0["flags"] + rec1["flags"]
+        assert len(prompts) == 12
+        for g in range(0, 12, 4):  # groups straddle the processes; both sides agree
+            prompt = prompts[g]
+            expected = prompt in with_trace or prompt in cached_before
+            assert flags[g : g + 4] == [False, False, False, expected], (prompt, flags[g : g + 4])
+            filled += prompt in live and expected
+        # prompts asked in this batch are cached for the next one (the test waits for the teacher)
+        cached_before |= {p for p in prompts if p in live}
+    assert filled > 0
+    logs = [h for h in ranks[0]["log"] if "live_teacher/requested" in h]
+    assert sum(h["live_teacher/requested"] for h in logs) == 3 and sum(h["live_teacher/filled"] for h in logs) == filled

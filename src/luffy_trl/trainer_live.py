@@ -36,7 +36,7 @@ from accelerate.utils import broadcast_object_list, gather, gather_object
 
 from luffy_trl.data import _ground_truth
 from luffy_trl.teacher import teacher_texts
-from luffy_trl.trainer_generation import teacher_slot
+from luffy_trl.trainer_generation import IS_OFF_POLICY, teacher_slot
 
 logger = logging.getLogger("luffy_trl.trainer")
 LIVE_CACHE_FILE = "live_teacher_generations.jsonl"
@@ -119,10 +119,14 @@ class LiveTeacherMixin:
                 payload = [{"error": f"{type(client.error).__name__}: {client.error}"}]
             else:
                 arrivals = client.collect()
-                payload = [{"traces": self._live_verify(arrivals), "arrived": len(arrivals),
-                            "skipped_samples": sum(a.skipped for a in arrivals), "pending": client.in_flight,
-                            "latency_seconds": (sum(a.seconds for a in arrivals) / len(arrivals)
-                                                if arrivals else 0.0)}]
+                try:  # an error here must reach every process (they wait in the broadcast below)
+                    payload = [{"traces": self._live_verify(arrivals), "arrived": len(arrivals),
+                                "skipped_samples": sum(a.skipped for a in arrivals), "pending": client.in_flight,
+                                "latency_seconds": (sum(a.seconds for a in arrivals) / len(arrivals)
+                                                    if arrivals else 0.0)}]
+                except Exception as err:  # noqa: BLE001
+                    logger.exception("verifying live teacher samples failed")
+                    payload = [{"error": f"verification: {type(err).__name__}: {err}"}]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(payload, from_process=0)
         update = payload[0]
@@ -146,11 +150,13 @@ class LiveTeacherMixin:
             texts = [g.text for g in arrival.generations]
             request = arrival.request
             row = {k: v for k, v in request["row"].items() if k != "prompt"}
+            row[IS_OFF_POLICY] = True  # scored as the teacher row it will be
             problem = Problem("live", arrival.key, tuple(request["messages"]), request["gold"])
             scores = verify_samples(texts, [problem] * len(texts), [row] * len(texts), self.reward_funcs,
                                     reward_weights=weights, threshold=self.args.success_reward_threshold,
                                     conversational=isinstance(request["row"].get("prompt"), list),
-                                    extra_kwargs={"trainer_state": self.state})
+                                    extra_kwargs={"trainer_state": self.state, "log_extra": _ignore,
+                                                  "log_metric": _ignore})
             correct = [t for t, s in zip(texts, scores) if s >= self.args.success_reward_threshold]
             lengths = policy_lengths(self._tokenizer, correct)
             chosen, _ = select_traces(correct, lengths, max_length=self.max_completion_length, keep="all")
@@ -198,9 +204,13 @@ class LiveTeacherMixin:
                 prompt = row.get("prompt")
                 messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
                 live["client"].submit(key, messages, _ground_truth(row),
-                                      {k: v for k, v in row.items() if k != "is_off_policy"})
+                                      {k: v for k, v in row.items() if k != IS_OFF_POLICY})
                 requested += 1
         return requested
+
+
+def _ignore(*args, **kwargs) -> None:
+    """Stands in for TRL's `log_metric` / `log_extra` while verifying live samples (not training rows)."""
 
 
 def _has_trace(row: dict, column: str) -> bool:
