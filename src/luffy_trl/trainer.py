@@ -80,7 +80,8 @@ class MixedPolicyGRPOTrainer(LiveTeacherMixin, TeacherGenerationMixin, MixedLoss
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds
     `num_generations - num_off_policy` sampled completions and `num_off_policy` teacher completions read from
     `args.off_policy_column`; advantages are computed over the mixed group and teacher tokens are trained with
-    the shaped, unclipped objective −A·p/(p+γ). See `MixedPolicyGRPOConfig` for the options.
+    the shaped, unclipped objective −A·p/(p+γ). See `MixedPolicyGRPOConfig` for the options. `live_teacher=` (a
+    `luffy_trl.traces` teacher) turns on the live teacher of `luffy_trl.trainer_live` without `live_teacher_url`.
 
     Example:
         ```python

@@ -216,23 +216,26 @@ class OpenAITeacher:
     # -- many requests ------------------------------------------------------------------------------------------
     def stream(self, requests: Sequence, protocol) -> Iterator[tuple[object, Generation | None]]:
         """Yields each request with its generation as replies arrive, at most `concurrency` in flight. A
-        `TeacherError` (or an interrupt) cancels what is queued, waits for the requests in flight, and is raised."""
+        `TeacherError` (or an interrupt) cancels what is queued and is raised at once; requests in flight stop
+        retrying and are dropped (nothing is cached for them)."""
         self._stop.clear()
         queue = iter(requests)
         pending: dict[Future, object] = {}
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher") as pool:
-            try:
-                while True:
-                    while len(pending) < self.concurrency:
-                        request = next(queue, None)
-                        if request is None:
-                            break
-                        pending[pool.submit(self.complete, request, protocol)] = request
-                    if not pending:
-                        return
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        request = pending.pop(future)
-                        yield request, future.result()
-            finally:
-                self._stop.set()  # in-flight requests stop retrying; nothing new starts
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="teacher")
+        try:
+            while True:
+                while len(pending) < self.concurrency:
+                    request = next(queue, None)
+                    if request is None:
+                        break
+                    pending[pool.submit(self.complete, request, protocol)] = request
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    request = pending.pop(future)
+                    yield request, future.result()
+        finally:
+            # In-flight requests stop retrying and end within `timeout`; the caller gets control back at once.
+            self._stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
