@@ -244,3 +244,18 @@ def test_make_traces_script_writes_a_dataset_the_trainer_reads(tmp_path):
     loaded, report = load_luffy_dataset(str(tmp_path / "arith.jsonl"))
     assert report.traces_out == 5 and report.rows_without_trace == 0
     assert all(re.search(r"\\boxed\{\d+\}", traces[0]) for traces in loaded["target"])
+
+
+def test_reward_functions_get_trls_arguments():
+    """Plain-text prompts: completions are strings (as TRL passes them); the row's other columns come along."""
+    seen = []
+
+    def reward(prompts, completions, ground_truth, extra, completion_ids, **kwargs):
+        seen.append((prompts, completions, ground_truth, extra, completion_ids))
+        return [float(f"\\boxed{{{g}}}" in c) for c, g in zip(completions, ground_truth)]
+
+    dataset = Dataset.from_list([{"prompt": "1+1?", "ground_truth": "2", "extra": 7}])
+    out, summary = make_traces(dataset, ScriptedTeacher(lambda q, s: f"so \\boxed{{{s + 1}}}"), cache_path=None,
+                               teacher_id="t", reward_funcs=reward, protocol=PROTOCOL2, progress=False)
+    assert seen == [(["1+1?", "1+1?"], ["so \\boxed{1}", "so \\boxed{2}"], ["2", "2"], [7, 7], None)]
+    assert out["target"] == [["so \\boxed{2}"]] and summary.correct == 1

@@ -237,7 +237,8 @@ def make_traces(dataset, teacher, *, cache_path: str | Path | None, teacher_id: 
     texts = [cache[r.key].text for r in done]
     scores = verify_samples(texts, [r.problem for r in done], [first_rows[r.problem.problem_id] for r in done],
                             reward_funcs if reward_funcs is not None else math_reward,
-                            reward_weights=reward_weights, threshold=threshold)
+                            reward_weights=reward_weights, threshold=threshold,
+                            conversational=len(dataset) > 0 and not isinstance(dataset[0][prompt_column], str))
     correct: dict[str, list[tuple[str, int]]] = {}  # problem -> (trace, teacher tokens)
     for request, text, score in zip(done, texts, scores):
         if score >= threshold:  # NaN compares False
