@@ -186,3 +186,25 @@ def test_two_processes_agree_on_live_traces(tmp_path):
     assert filled > 0
     logs = [h for h in ranks[0]["log"] if "live_teacher/requested" in h]
     assert sum(h["live_teacher/requested"] for h in logs) == 3 and sum(h["live_teacher/filled"] for h in logs) == filled
+
+
+@pytest.mark.slow
+def test_live_teacher_configuration_error_stops_training_clearly(tokenizer, tmp_path):
+    """HTTP 401 (a wrong key) in the background thread: the next batch raises on every process, naming the cache."""
+    dataset = _without_traces(math_dataset(4), {0, 1, 2, 3})
+    with FakeOpenAIServer(faults={"What is": ["401"] * 10}) as server:
+        args = tiny_args(tmp_path, max_steps=2, max_completion_length=8, live_teacher_url=server.base_url,
+                         live_teacher_when="missing", live_teacher_num_samples=1)
+        trainer = MixedPolicyGRPOTrainer(model=build_model(tokenizer), reward_funcs=contains_answer_reward,
+                                         train_dataset=dataset, processing_class=tokenizer, args=args)
+        original = trainer._generate_and_score_completions
+
+        def generate(inputs):
+            output = original(inputs)
+            trainer._live["client"].wait_idle(10)
+            return output
+
+        trainer._generate_and_score_completions = generate
+        with pytest.raises(RuntimeError, match=r"live teacher failed: TeacherError.*HTTP 401.*API key.*cached in"):
+            trainer.train()
+        assert trainer.state.global_step == 1

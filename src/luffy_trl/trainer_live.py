@@ -87,7 +87,7 @@ class LiveTeacherMixin:
             teacher_id = f"{args.live_teacher_url}|{args.live_teacher_model}|{getattr(teacher, 'name', '')}"
             cache = GenerationCache(Path(args.output_dir) / LIVE_CACHE_FILE, run_hash(teacher_id, protocol))
             client = LiveTeacherClient(teacher, protocol, cache)
-        self._live = {"client": client, "traces": {}, "asked": set(), "stats": {}}
+        self._live = {"client": client, "traces": {}, "asked": set()}
 
     # ------------------------------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
