@@ -23,7 +23,12 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer  # noqa: E402
-from luffy_trl.toy import boxed_answer_reward, toy_math_dataset, toy_model, toy_tokenizer  # noqa: E402
+from luffy_trl.toy import (  # noqa: E402
+    boxed_answer_reward,
+    toy_math_dataset,
+    toy_model,
+    toy_tokenizer,
+)
 from luffy_trl.traces.fake_server import FakeOpenAIServer  # noqa: E402
 
 

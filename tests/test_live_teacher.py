@@ -6,7 +6,14 @@ import re
 
 import pytest
 import torch
-from conftest import build_model, contains_answer_reward, math_dataset, requires_torchrun, run_two_processes, tiny_args
+from conftest import (
+    build_model,
+    contains_answer_reward,
+    math_dataset,
+    requires_torchrun,
+    run_two_processes,
+    tiny_args,
+)
 
 from luffy_trl import MixedPolicyGRPOTrainer
 from luffy_trl.evaluation.backends import Generation
@@ -147,7 +154,8 @@ LIVE_FIELDS = ["live_teacher_url", "live_teacher_model", "live_teacher_when", "l
 def test_live_teacher_fields_have_help_and_docs(tmp_path):
     import dataclasses
 
-    from test_config import DOCS as CONFIG_DOCS, docs_table_rows
+    from test_config import DOCS as CONFIG_DOCS
+    from test_config import docs_table_rows
 
     from luffy_trl import MixedPolicyGRPOConfig
 

@@ -182,7 +182,7 @@ def test_http_teacher_concurrency_and_completions_api(tokenizer):
 
     with FakeOpenAIServer(lambda prompt: solve(prompt.split("<|im_start|>user\n")[1])) as server:
         teacher = OpenAITeacher(server.base_url, "fake", api="completions", tokenizer=tokenizer)
-        out, summary = make_traces(problems(2), teacher, cache_path=None, teacher_id="t",
+        _out, summary = make_traces(problems(2), teacher, cache_path=None, teacher_id="t",
                                    protocol=TRACES.with_overrides(num_samples=1), progress=False)
         expected = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                     for p in problems(2)["prompt"]]
@@ -237,7 +237,7 @@ def test_make_traces_script_writes_a_dataset_the_trainer_reads(tmp_path):
     with FakeOpenAIServer(solve) as server:
         args = TraceArguments(dataset="arithmetic", max_problems=5, output=str(tmp_path / "arith.jsonl"),
                               teacher_url=server.base_url, teacher_model="fake", num_samples=2, progress=False)
-        _, summary = main(args)
+        _, _summary = main(args)
     assert (tmp_path / "arith.trace_generations.jsonl").exists()
     written = json.loads((tmp_path / "arith.summary.json").read_text())
     assert written["problems_with_trace"] == 5 and written["yield_fraction"] == 1.0

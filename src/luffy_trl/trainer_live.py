@@ -142,7 +142,11 @@ class LiveTeacherMixin:
     def _live_verify(self, arrivals) -> dict[str, list[str]]:
         """key -> the correct traces (shortest first, at most max_completion_length policy tokens; [] if none)."""
         from luffy_trl.evaluation.runner import Problem
-        from luffy_trl.traces.generate import policy_lengths, select_traces, verify_samples
+        from luffy_trl.traces.generate import (
+            policy_lengths,
+            select_traces,
+            verify_samples,
+        )
 
         out = {}
         weights = self.reward_weights.tolist()

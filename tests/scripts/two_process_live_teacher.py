@@ -14,7 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from conftest import build_model, build_tokenizer, math_dataset, shut_down_processes, tiny_args  # noqa: E402
+from conftest import (  # noqa: E402
+    build_model,
+    build_tokenizer,
+    math_dataset,
+    shut_down_processes,
+    tiny_args,
+)
 
 from luffy_trl import MixedPolicyGRPOTrainer  # noqa: E402
 from luffy_trl.evaluation.backends import Generation  # noqa: E402

@@ -6,7 +6,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from luffy_trl.traces.generate import CACHE_FILE, KEEP, TRACES, make_traces, write_dataset, write_summary
+from luffy_trl.traces.generate import (
+    CACHE_FILE,
+    KEEP,
+    TRACES,
+    make_traces,
+    write_dataset,
+    write_summary,
+)
 from luffy_trl.traces.teachers import APIS, BackendTeacher, OpenAITeacher
 
 

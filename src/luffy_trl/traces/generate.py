@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 
 from luffy_trl.data import _ground_truth, set_system_prompt, strip_think_opener
 from luffy_trl.evaluation.protocols import Protocol
-from luffy_trl.evaluation.runner import GenerationCache, Problem, _problem_id, build_requests, run_hash
+from luffy_trl.evaluation.runner import (
+    GenerationCache,
+    Problem,
+    _problem_id,
+    build_requests,
+    run_hash,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import logging
 import random
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -150,7 +149,7 @@ class OpenAITeacher:
             if err.code in RETRY_STATUSES:
                 raise _Retry(f"http_{err.code}", detail) from err
             raise _Skip(f"http_{err.code}", detail) from err
-        except (TimeoutError, socket.timeout) as err:
+        except TimeoutError as err:
             raise _Retry("timeout", str(err)) from err
         except urllib.error.URLError as err:
             if isinstance(err.reason, (TimeoutError, socket.timeout)):
