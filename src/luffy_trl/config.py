@@ -166,6 +166,11 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             `sft_loss_coef` × token-mean NLL).
         sft_loss_coef (`float`, defaults to `1.0`):
             Coefficient of the SFT term with `off_policy_loss="sft"` (LUFFY's `sft_loss_coef`).
+        live_teacher_url (`str` or `None`, defaults to `None`):
+            An OpenAI-compatible endpoint asked in the background for traces of prompts that have none (not in
+            LUFFY: its data has a trace per prompt). See docs/traces.md; the other `live_teacher_*` fields configure
+            it (`live_teacher_when`, `live_teacher_num_samples`, `live_teacher_max_new_tokens`,
+            `live_teacher_concurrency`, `live_teacher_timeout`, `live_teacher_model`, `live_teacher_api_key_env`).
 
     LUFFY's headline run also differs from TRL in some inherited defaults, which this class changes:
     `loss_type="dr_grpo"`, `scale_rewards="none"`, `entropy_coef=0.001`, `weight_decay=0.01`,
@@ -342,6 +347,42 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         },
     )
 
+    # ---- a live teacher (luffy_trl.trainer_live; docs/traces.md) ---------------------------------------------------
+    live_teacher_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) asked, in a background "
+            "thread, for traces of prompts that have none; verified traces fill their teacher slots the next time the "
+            "prompt is drawn. None: off (a teacher object can also be passed as MixedPolicyGRPOTrainer(live_teacher=))."
+        },
+    )
+    live_teacher_model: str | None = field(
+        default=None, metadata={"help": "Model name sent to the live teacher endpoint."}
+    )
+    live_teacher_when: str = field(
+        default="all_fail",
+        metadata={
+            "help": "Which trace-less prompts are sent: 'all_fail' (their group's on-policy samples all failed) or "
+            "'missing' (every trace-less prompt drawn).",
+            "choices": ["all_fail", "missing"],
+        },
+    )
+    live_teacher_num_samples: int = field(
+        default=4, metadata={"help": "Teacher samples per prompt; the correct ones are kept (shortest first)."}
+    )
+    live_teacher_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Generation limit of the live teacher; None: max_completion_length."}
+    )
+    live_teacher_concurrency: int = field(
+        default=8, metadata={"help": "Requests to the live teacher endpoint in flight at once."}
+    )
+    live_teacher_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds per live teacher request (then retried, at most 3 times)."}
+    )
+    live_teacher_api_key_env: str | None = field(
+        default=None, metadata={"help": "Environment variable holding the live teacher endpoint's API key."}
+    )
+
     # ---- inherited fields whose default follows LUFFY ---------------------------------------------------------------
     loss_type: str = field(
         default=_default("loss_type"),
@@ -479,6 +520,12 @@ class MixedPolicyGRPOConfig(GRPOConfig):
                     "off_policy_logprobs_column has no effect with off_policy_loss='sft' (the SFT term is the plain "
                     "NLL of the trace); unset one of them."
                 )
+        if self.live_teacher_when not in ("all_fail", "missing"):
+            raise ValueError(f"live_teacher_when must be 'all_fail' or 'missing', got {self.live_teacher_when!r}.")
+        if self.live_teacher_num_samples < 1 or self.live_teacher_concurrency < 1:
+            raise ValueError("live_teacher_num_samples and live_teacher_concurrency must be at least 1.")
+        if self.live_teacher_url is not None and self.num_off_policy == 0:
+            raise ValueError("live_teacher_url fills teacher slots: it needs num_off_policy > 0.")
         coef = self.sft_loss_coef
         if not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
             raise ValueError(f"sft_loss_coef must be a finite number >= 0, got {coef!r}.")

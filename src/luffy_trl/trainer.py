@@ -18,8 +18,10 @@ Everything else (optimiser, logging, vLLM, PEFT, DeepSpeed, checkpoints) is TRL'
 buffered generation batch (`luffy_trl.trainer_checkpoint`).
 
 The class is assembled from mixins: `trainer_generation.TeacherGenerationMixin` (steps 1-2),
-`trainer_loss.MixedLossMixin` (step 4) and `trainer_checkpoint.GenerationCheckpointMixin` (TRL's generation buffer
-in checkpoints, for exact resume); this module holds construction, rewards, guidance and batch metrics.
+`trainer_loss.MixedLossMixin` (step 4), `trainer_checkpoint.GenerationCheckpointMixin` (TRL's generation buffer
+in checkpoints, for exact resume), `trainer_batching.PaddingFreeBatchingMixin` (micro-batches of real tokens)
+and `trainer_live.LiveTeacherMixin` (an optional live teacher that fills trace-less teacher slots); this
+module holds construction, rewards, guidance and batch metrics.
 Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
 
 Collectives: the rule that keeps processes aligned. Every process must issue the same sequence of collective calls
@@ -42,7 +44,13 @@ this process's own rows (whether it holds a teacher row, a trace, a failed group
   on (config).
 - `_compute_loss`: `gather` of the policy loss when the entropy bonus is on, of the aux loss when enabled (config);
   `_log_loss_metrics`: one `reduce` and one `gather`, every call.
-- `LuffyEvalCallback`: see `luffy_trl.evaluation.callback`.
+- `LiveTeacherMixin` (`luffy_trl.trainer_live`): one `broadcast_object_list`, one `gather_object` and one `gather`
+  per training generation batch while the live teacher is on (config).
+- `PaddingFreeBatchingMixin` (`luffy_trl.trainer_batching`): one `gather` of the no-grad forward count per old /
+  reference log-prob call (a process with fewer forwards runs dummy ones, so ZeRO-3's weight gathers pair up), one
+  `reduce` of the token counters per training generation batch (config and mode only).
+- `LuffyEvalCallback`: every process makes the same number of `generate` calls (shares padded to equal length, for
+  ZeRO-3's synced decoding), then one `gather_object`; see `luffy_trl.evaluation.callback`.
 `tests/test_vllm_alignment.py` runs two processes against TRL's real server-mode client with batches where one
 process holds no teacher row, a schedule leaves groups without one, or a trace is missing on one process only.
 """
@@ -70,6 +78,7 @@ from luffy_trl.trainer_generation import (
     TeacherGenerationMixin,
     teacher_slot,
 )
+from luffy_trl.trainer_live import LiveTeacherMixin
 from luffy_trl.trainer_loss import MixedLossMixin
 
 __all__ = ["IS_OFF_POLICY", "TEACHER_LOGPS", "MixedPolicyGRPOTrainer", "teacher_slot"]
@@ -78,14 +87,16 @@ ROWS_CHECKED_AT_INIT = 64
 logger = logging.getLogger(__name__)
 
 class MixedPolicyGRPOTrainer(
-    GenerationCheckpointMixin, TeacherGenerationMixin, MixedLossMixin, PaddingFreeBatchingMixin, GRPOTrainer
+    GenerationCheckpointMixin, LiveTeacherMixin, TeacherGenerationMixin, MixedLossMixin, PaddingFreeBatchingMixin,
+    GRPOTrainer,
 ):
     """GRPO with LUFFY's off-policy guidance (Yan et al., 2025, "Learning to Reason under Off-Policy Guidance").
 
     Accepts everything `GRPOTrainer` accepts. Each group of `args.num_generations` completions holds
     `num_generations - num_off_policy` sampled completions and `num_off_policy` teacher completions read from
     `args.off_policy_column`; advantages are computed over the mixed group and teacher tokens are trained with
-    the shaped, unclipped objective −A·p/(p+γ). See `MixedPolicyGRPOConfig` for the options.
+    the shaped, unclipped objective −A·p/(p+γ). See `MixedPolicyGRPOConfig` for the options. `live_teacher=` (a
+    `luffy_trl.traces` teacher) turns on the live teacher of `luffy_trl.trainer_live` without `live_teacher_url`.
 
     Example:
         ```python
@@ -130,6 +141,7 @@ class MixedPolicyGRPOTrainer(
             )
         self._check_supported(args, train_dataset, kwargs)
         self._warn_unclipped_ratio(args)
+        live_teacher = kwargs.pop("live_teacher", None)  # luffy_trl.trainer_live
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          **kwargs)
         if self._is_vlm and args.num_off_policy > 0:
@@ -158,6 +170,7 @@ class MixedPolicyGRPOTrainer(
         self._teacher_logps_rows = None  # local row -> aligned teacher log-probs (off_policy_logprobs_column)
         self._guidance = None  # the trigger's decisions for the current generation batch (global tensors)
         self._generation_key = (-1, -1)  # (global step, index of the generation batch within that step)
+        self._setup_live_teacher(live_teacher)
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction-time checks

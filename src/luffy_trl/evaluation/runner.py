@@ -148,10 +148,12 @@ class Request:
 
 def build_requests(problems: Sequence[Problem], protocol: Protocol, tokenizer) -> list[Request]:
     """Every sample of every problem (`protocol.samples_for`), with the tokenizer's chat template applied to the
-    prompt (generation prompt added) and a seed derived from the protocol's seed, the problem and the sample."""
+    prompt (generation prompt added) and a seed derived from the protocol's seed, the problem and the sample.
+    Without a tokenizer (a chat API that templates the messages itself) `prompt_text` is empty."""
     requests = []
     for problem in problems:
-        text = tokenizer.apply_chat_template(list(problem.prompt), add_generation_prompt=True, tokenize=False)
+        text = "" if tokenizer is None else tokenizer.apply_chat_template(list(problem.prompt),
+                                                                           add_generation_prompt=True, tokenize=False)
         for sample in range(protocol.samples_for(problem.benchmark, problem.copies)):
             digest = hashlib.sha256(f"{protocol.seed}|{problem.problem_id}|{sample}".encode()).hexdigest()
             requests.append(Request(problem, sample, text, int(digest[:8], 16), protocol.gated(text)))
