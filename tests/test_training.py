@@ -109,10 +109,12 @@ def test_unclipped_ratio_is_not_plain_grpo_and_warns(tokenizer, tmp_path, caplog
                         processing_class=tokenizer)
     stock.train()
     with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
-        clipped = train(tokenizer, tmp_path / "clip", varied_reward, num_off_policy=0, on_policy_clip=True, **common)
+        clipped = train(tokenizer, tmp_path / "clip", varied_reward, num_off_policy=0, on_policy_clip=True,
+                        padding_free_batches=False, **common)  # TRL's micro-batches: equal to stock up to rounding
     assert "on_policy_clip=False" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
-        unclipped = train(tokenizer, tmp_path / "noclip", varied_reward, num_off_policy=0, **common)
+        unclipped = train(tokenizer, tmp_path / "noclip", varied_reward, num_off_policy=0, padding_free_batches=False,
+                          **common)
     warnings = [r for r in caplog.records if "on_policy_clip=False" in r.getMessage()]
     assert len(warnings) == 1 and "NOT TRL's GRPO" in warnings[0].getMessage()
     assert on_policy_ratio_departures(unclipped.args)
