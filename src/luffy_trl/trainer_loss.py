@@ -130,7 +130,8 @@ class MixedLossMixin:
         nominal_rows = bnpo_tokens = None
         if batching is not None:
             nominal_rows = batching["nominal_rows"]
-            bnpo_tokens = batching["on_policy_tokens" if sft else "tokens"]
+            if self.args.max_token_prob is None:  # else the micro-batch's own kept tokens (its rows are TRL's)
+                bnpo_tokens = batching["on_policy_tokens" if sft else "tokens"]
         loss = aggregate_loss(
             per_token_loss,
             pg_mask,
