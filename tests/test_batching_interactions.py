@@ -40,6 +40,10 @@ def test_max_token_prob_truncation_mask_and_teacher_logprobs(tokenizer, tmp_path
         set_loss(trainer, loss_type)
         on, chunks_on = step_gradients(trainer, True)
         dropped = trainer._metrics["train"]["dropped_token_fraction"][-4:]
+        # a micro-batch without teacher tokens logs NaN (left out of the logged average), not 0
+        prob_mean = trainer._metrics["train"]["off_policy/prob_mean"][-4:]
+        has_teacher = [bool((c["completion_mask"][c["is_off_policy"]] > 0).any()) for c in chunks_on]
+        assert [p == p for p in prob_mean] == has_teacher and not all(has_teacher)
         off, chunks_off = step_gradients(trainer, False)
         assert_same_gradients(on, off)
         assert 0.0 < sum(dropped) / len(dropped) < 1.0  # max_token_prob dropped some tokens, not all
