@@ -45,7 +45,7 @@ def varied_dataset(n: int = 16) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def make_trainer(tokenizer, out_dir, reward=None, peft_config=None, **overrides):
+def make_trainer(tokenizer, out_dir, reward=None, peft_config=None, dataset=None, **overrides):
     args = tiny_args(out_dir, **overrides)
     model = build_model(tokenizer, seed=3).to(torch.float64)
 
@@ -55,7 +55,7 @@ def make_trainer(tokenizer, out_dir, reward=None, peft_config=None, **overrides)
         return [1.0 if off else float(len(c[0]["content"]) % 3 == 0) for c, off in zip(completions, is_off_policy)]
 
     trainer = MixedPolicyGRPOTrainer(
-        model=model, reward_funcs=reward or default_reward, args=args, train_dataset=varied_dataset(),
+        model=model, reward_funcs=reward or default_reward, args=args, train_dataset=dataset or varied_dataset(),
         processing_class=tokenizer, peft_config=peft_config,
     )
     trainer.model.train()

@@ -45,3 +45,43 @@ def test_resume_without_generation_state_regenerates_the_batch_and_realigns(tmp_
     assert prompt_set(resumed[:2]) <= prompt_set(uninterrupted[:4])
     assert prompts(resumed[2:]) == prompts(rows_by_step(uninterrupted, 2))
     assert resumed[:2] != rows_by_step(uninterrupted, 1)[:2]  # regenerated: other completions
+
+
+class _TwoProcesses:
+    """An accelerator of two processes for `_restore_generation_state` alone: this is process 0, and `gather` adds
+    the other process's flag."""
+
+    num_processes, process_index, device = 2, 0, "cpu"
+
+    def __init__(self, other_has_state: bool):
+        self.other = float(other_has_state)
+
+    def gather(self, tensor):
+        return torch.cat([tensor, torch.tensor([self.other])])
+
+
+@pytest.mark.parametrize("other_has_state", [True, False])
+def test_resume_restores_the_buffer_only_if_every_process_can(tmp_path, caplog, other_has_state):
+    """A process whose generation state is missing regenerates the batch; if the others restored theirs, they would
+    skip that generation and its collectives (a hang). So the buffer is restored on all processes or on none."""
+    from types import SimpleNamespace
+
+    from luffy_trl.trainer_checkpoint import (
+        GENERATION_STATE_FILE,
+        GenerationCheckpointMixin,
+    )
+
+    trainer = GenerationCheckpointMixin()
+    trainer.args = SimpleNamespace(steps_per_generation=4, gradient_accumulation_steps=2)
+    trainer.num_iterations, trainer.state = 1, SimpleNamespace(global_step=1)
+    trainer.accelerator = _TwoProcesses(other_has_state)
+    buffer = [{"completion_ids": torch.full((2, 3), j)} for j in range(4)]
+    torch.save({"step": 2, "global_step": 1, "world_size": 2, "generate_every": 4, "steps_per_generation": 4,
+                "buffered_inputs": buffer}, tmp_path / GENERATION_STATE_FILE.format(0))
+    with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer"):
+        trainer._restore_generation_state(str(tmp_path))
+    assert trainer._step == 2
+    if other_has_state:
+        assert [int(b["completion_ids"][0, 0]) for b in trainer._buffered_inputs] == [0, 1, 2, 3]
+    else:
+        assert trainer._buffered_inputs is None and "another process's generation state is missing" in caplog.text

@@ -49,6 +49,8 @@ this process's own rows (whether it holds a teacher row, a trace, a failed group
 - `PaddingFreeBatchingMixin` (`luffy_trl.trainer_batching`): one `gather` of the no-grad forward count per old /
   reference log-prob call (a process with fewer forwards runs dummy ones, so ZeRO-3's weight gathers pair up), one
   `reduce` of the token counters per training generation batch (config and mode only).
+- `GenerationCheckpointMixin` (`luffy_trl.trainer_checkpoint`): one `gather` of "my saved generation buffer is usable"
+  when resuming inside a generation batch (the step is shared), so all processes restore it or all regenerate.
 - `LuffyEvalCallback`: every process makes the same number of `generate` calls (shares padded to equal length, for
   ZeRO-3's synced decoding), then one `gather_object`; see `luffy_trl.evaluation.callback`.
 `tests/test_vllm_alignment.py` runs two processes against TRL's real server-mode client with batches where one

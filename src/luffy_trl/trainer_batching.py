@@ -69,13 +69,21 @@ class PaddingFreeBatchingMixin:
         real = sum(self._chunk_real_tokens(chunk) for chunk in chunks)
         if self._padding_free_enabled():
             windows = [[j] for j in range(spg)]
-            if self.top_entropy_quantile >= 1.0:  # the entropy quantile is per micro-batch: keep TRL's rows
+            if self._rows_exchangeable():
                 windows = exchangeable_chunks(step, spg, self.args.gradient_accumulation_steps, self.num_iterations)
             chunks = self._replan_chunks(chunks, windows)
             self._buffered_inputs = chunks
         computed = sum(self._chunk_tokens(chunk) for chunk in chunks)
         self._log_batching_metrics(baseline, computed, real)
         return self._buffered_inputs[step % spg]
+
+    def _rows_exchangeable(self) -> bool:
+        """Whether rows may move between micro-batches: not when the loss takes a statistic per micro-batch that the
+        planner cannot keep (then each chunk keeps TRL's rows and is only trimmed: exactly TRL's loss)."""
+        if self.top_entropy_quantile < 1.0:  # the entropy quantile is taken per micro-batch
+            return False
+        # bnpo with max_token_prob divides by the micro-batch's kept tokens, known only after its forward
+        return not (self.loss_type == "bnpo" and self.args.max_token_prob is not None)
 
     @staticmethod
     def _loss_mask(chunk) -> torch.Tensor:

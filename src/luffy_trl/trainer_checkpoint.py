@@ -70,17 +70,26 @@ class GenerationCheckpointMixin:
             )
         )
         self._step = step
+        usable = same_geometry and saved["buffered_inputs"] is not None
         if step % self._generate_every() == 0:
             self._buffered_inputs = None  # a generation-batch boundary: the next micro-step generates anyway
-        elif same_geometry and saved["buffered_inputs"] is not None:
+        elif self._on_every_process(usable):  # else the processes would not all regenerate (collectives): a hang
             self._buffered_inputs = send_to_device(saved["buffered_inputs"], self.accelerator.device)
         else:
             self._buffered_inputs = None
             why = ("it has no luffy-trl generation state" if saved is None else
-                   "it was saved with another number of processes, steps_per_generation or num_iterations")
+                   "it was saved with another number of processes, steps_per_generation or num_iterations"
+                   if not usable else "another process's generation state is missing or was saved differently")
             logger.warning(
                 "Checkpoint %s falls inside a generation batch (micro-step %d of %d) but %s: the rest of this "
                 "generation batch is generated again (new samples); later generation batches start at the "
                 "micro-steps of the uninterrupted run.",
                 checkpoint, step % self._generate_every(), self._generate_every(), why,
             )
+
+    def _on_every_process(self, flag: bool) -> bool:
+        """`flag` and the same on every other process (one gather; every process calls it: the step is shared)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        flags = self.accelerator.gather(torch.tensor([float(flag)], device=self.accelerator.device))
+        return bool(flags.min().item() > 0)

@@ -130,7 +130,8 @@ class MixedLossMixin:
         nominal_rows = bnpo_tokens = None
         if batching is not None:
             nominal_rows = batching["nominal_rows"]
-            bnpo_tokens = batching["on_policy_tokens" if sft else "tokens"]
+            if self.args.max_token_prob is None:  # else the micro-batch's own kept tokens (its rows are TRL's)
+                bnpo_tokens = batching["on_policy_tokens" if sft else "tokens"]
         loss = aggregate_loss(
             per_token_loss,
             pg_mask,
@@ -208,7 +209,9 @@ class MixedLossMixin:
                            + [m.sum().float() for _, m in terms.values()])
         sums = self.accelerator.reduce(sums, reduction="sum")
         n = len(terms)
-        means = (sums[:n] / sums[n:].clamp(min=1.0)).tolist()
+        # NaN (left out of the logged average, as in TRL) where no process has such a token in this micro-batch: a 0
+        # would pull the average down, and padding-free batches group the teacher rows into a few micro-batches.
+        means = torch.where(sums[n:] > 0, sums[:n] / sums[n:].clamp(min=1.0), float("nan")).tolist()
         # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
         seq = torch.stack([(low * on_mask).sum(1), (high * on_mask).sum(1)]) / on_mask.sum(1)
         # Reduced locally first: padding-free micro-batches hold different row counts on different processes.
