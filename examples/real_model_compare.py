@@ -51,7 +51,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 RECIPE = HERE / "recipes" / "smollm2_lora_cpu.yaml"
 # The calibrated budget (see docs/real-model.md); recipe fields, overridable on the command line.
-DEFAULTS = ["--max_steps", "40", "--learning_rate", "1e-4", "--max_completion_length", "64"]
+DEFAULTS = ["--max_steps", "30", "--learning_rate", "5e-4", "--max_completion_length", "64"]
 HELDOUT_ROWS = 40  # per held-out set
 HELDOUT_SEED = 1000  # the `id` set: the training stories with another seed, training questions excluded
 OOD_SEED = 2000
