@@ -295,6 +295,33 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def merge(paths: list[str]) -> dict:
+    """One result from several runs of the same settings (arms run as separate processes): the first run's start,
+    every arm in `ARMS` order (the first run that has an arm wins)."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+
+    def same(settings):
+        return {k: v for k, v in settings.items() if k != "arms"}
+
+    for path, run in zip(paths[1:], runs[1:]):
+        if same(run["settings"]) != same(runs[0]["settings"]):
+            raise ValueError(f"{path} was run with other settings than {paths[0]}: {same(run['settings'])} vs "
+                             f"{same(runs[0]['settings'])}; only runs of the same settings can be merged.")
+    arms = {}
+    for run in runs:
+        for name, arm in run["arms"].items():
+            arms.setdefault(name, arm)
+    arms = {name: arms[name] for name in ARMS if name in arms}
+    return {"settings": {**runs[0]["settings"], "arms": list(arms)}, "start": runs[0]["start"], "arms": arms,
+            "merged_from": [str(p) for p in paths]}
+
+
+def write_outputs(results: dict, output_dir: pathlib.Path) -> None:
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (output_dir / "results.md").write_text(markdown(results))
+    plot(results, output_dir / "curves.png")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True)
@@ -302,17 +329,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every N steps (and the last)")
     parser.add_argument("--heldout_rows", type=int, default=HELDOUT_ROWS, help="problems per held-out set")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--start_from", default=None,
+                        help="a results.json of the same settings whose step-0 evaluation is reused (every arm starts "
+                             "from the same weights), instead of evaluating the base model again")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="train nothing: merge these results.json files (runs of the same settings, e.g. arms run "
+                             "as separate processes) into output_dir's results.json, results.md and curves.png")
     known, overrides = parser.parse_known_args(argv)
     arms = [a.strip() for a in known.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    output_dir = pathlib.Path(known.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if known.merge:
+        results = merge(known.merge)
+        write_outputs(results, output_dir)
+        print(markdown(results))
+        return results
     if known.threads:
         import torch
 
         torch.set_num_threads(known.threads)
-    output_dir = pathlib.Path(known.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
 
     from luffy_trl.tasks.arithmetic import arithmetic_dataset
 
@@ -323,12 +361,18 @@ def main(argv=None) -> dict:
     traces = (list(sets["id"]["prompt"]), list(sets["id"]["target"]))
     settings = {"arms": arms, "eval_every": known.eval_every, "heldout_rows": known.heldout_rows,
                 "overrides": [*DEFAULTS, *overrides], "recipe": str(RECIPE.relative_to(HERE.parent))}
-    results = {"settings": settings, "start": evaluate_start(overrides, output_dir, problems, traces), "arms": {}}
+    if known.start_from:
+        previous = json.loads(pathlib.Path(known.start_from).read_text())
+        if {k: v for k, v in previous["settings"].items() if k != "arms"} != {k: v for k, v in settings.items()
+                                                                              if k != "arms"}:
+            parser.error(f"--start_from {known.start_from} was run with other settings: {previous['settings']}")
+        start = previous["start"]
+    else:
+        start = evaluate_start(overrides, output_dir, problems, traces)
+    results = {"settings": settings, "start": start, "arms": {}}
     for name in arms:
         results["arms"][name] = run_arm(name, overrides, output_dir, problems, traces, known.eval_every)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))  # after every arm
-        (output_dir / "results.md").write_text(markdown(results))
-        plot(results, output_dir / "curves.png")
+        write_outputs(results, output_dir)  # after every arm
     print(markdown(results))
     print(f"Wrote {output_dir / 'results.json'}, {output_dir / 'results.md'} and {output_dir / 'curves.png'}.")
     return results
