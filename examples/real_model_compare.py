@@ -253,8 +253,9 @@ def markdown(results: dict) -> str:
     start = results["start"]
     for name, arm in results["arms"].items():
         end = arm["curve"][-1]
-        cells = [f"{start[k]:.2f} → {end[k]:.2f}" for k in ("id_accuracy", "id_boxed_rate", "ood_accuracy",
-                                                              "ood_boxed_rate", "trace_logprob")]
+        cells = [f"{start[k]:.3f} → {end[k]:.3f}" for k in ("id_accuracy", "id_boxed_rate", "ood_accuracy",
+                                                              "ood_boxed_rate")]
+        cells.append(f"{start['trace_logprob']:.2f} → {end['trace_logprob']:.2f}")
         rows.append(f"| {ARMS[name][2]} | " + " | ".join(cells)
                     + f" | {arm['wall_time_s'] / 60:.1f} min ({arm['eval_time_s'] / 60:.1f} min eval) |")
     steps = results["arms"][next(iter(results["arms"]))]["curve"][-1]["step"]
