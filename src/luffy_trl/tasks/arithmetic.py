@@ -16,6 +16,16 @@ STORIES = [
     ("A bus carries {a} people. At the stop {b} people get off. How many people are still on the bus?", "-"),
 ]
 
+# Other wordings of the same two operations, for an out-of-distribution held-out set (no training row uses them).
+OOD_STORIES = [
+    (("A baker made {a} cookies in the morning and {b} in the afternoon. How many cookies did the baker make in "
+      "total?"), "+"),
+    (("A farmer picked {a} pumpkins on Monday and {b} pumpkins on Tuesday. How many pumpkins did he pick "
+      "altogether?"), "+"),
+    ("A library owned {a} DVDs and lent out {b} of them. How many DVDs are still in the library?", "-"),
+    ("Maria saved {a} dollars and spent {b} dollars on a gift. How many dollars does she have left?", "-"),
+]
+
 
 def worked_solution(a: int, b: int, op: str) -> tuple[str, int]:
     """A column-by-column solution of `a op b` and its result."""
@@ -37,19 +47,23 @@ def worked_solution(a: int, b: int, op: str) -> tuple[str, int]:
     return f"We compute {a} {op} {b}. {steps} So the answer is \\boxed{{{result}}}.", result
 
 
-def arithmetic_dataset(num_rows: int = 256, seed: int = 0):
-    """`num_rows` word problems with columns `prompt`, `target`, `ground_truth`."""
+def arithmetic_dataset(num_rows: int = 256, seed: int = 0, stories=None, exclude=()):
+    """`num_rows` word problems with columns `prompt`, `target`, `ground_truth`, phrased with `stories` (default
+    `STORIES`; `OOD_STORIES` for other wordings), none of whose questions is in `exclude` (held-out sets)."""
     from datasets import Dataset
 
     rng = random.Random(seed)
+    stories, exclude = stories or STORIES, set(exclude)
     rows = []
-    for _ in range(num_rows):
-        story, op = rng.choice(STORIES)
+    while len(rows) < num_rows:
+        story, op = rng.choice(stories)
         a, b = rng.randint(20, 99), rng.randint(10, 99)
         if op == "-" and b > a:
             a, b = b, a
         solution, result = worked_solution(a, b, op)
         question = story.format(a=a, b=b) + " Put the final answer in \\boxed{}."
+        if question in exclude:
+            continue
         rows.append({"prompt": [{"role": "user", "content": question}], "target": solution,
                      "ground_truth": str(result)})
     return Dataset.from_list(rows)
