@@ -49,6 +49,20 @@ def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json",
     return [json.loads((pathlib.Path(out_dir) / rank_files.format(r)).read_text()) for r in range(2)]
 
 
+def recording_boxed_reward(records: list[dict]):
+    """A reward function that scores `\\boxed{ground_truth}` in the completion and appends what it saw (prompts,
+    teacher flags, rewards) to `records`, one entry per generation batch. For the two-process scripts."""
+
+    def reward(completions, ground_truth, is_off_policy, prompts, **kwargs):
+        texts = [c[0]["content"] for c in completions]
+        rewards = [float(f"boxed{{{gt}}}" in t) for t, gt in zip(texts, ground_truth)]
+        records.append({"prompts": [p[-1]["content"] for p in prompts], "flags": list(is_off_policy),
+                        "rewards": rewards})
+        return rewards
+
+    return reward
+
+
 def train_recording_batches(trainer, records: list[dict], path_template: str) -> None:
     """Train; after each generation batch add this process's advantages, completion lengths and teacher flags to the
     last entry of `records` (the reward function opens one entry per batch), then write `{world_size, records,

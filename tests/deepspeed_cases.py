@@ -153,16 +153,11 @@ def groups(out_dir: str) -> dict:
     the middle one split), real sampling; records what the reward function saw and the advantages (checked like
     test_distributed.py). Then `save_model` (the shipped zero3.yaml settings under ZeRO-3) to `<out_dir>/saved`;
     the main process writes the whole trained parameters to `groups.pt`."""
-    from conftest import train_recording_batches
+    from conftest import recording_boxed_reward, train_recording_batches
 
     records = []
 
-    def reward(completions, ground_truth, is_off_policy, prompts, **kwargs):
-        texts = [c[0]["content"] for c in completions]
-        rewards = [float(f"boxed{{{gt}}}" in t) for t, gt in zip(texts, ground_truth)]
-        records.append({"prompts": [p[-1]["content"] for p in prompts], "flags": list(is_off_policy),
-                        "rewards": rewards})
-        return rewards
+    reward = recording_boxed_reward(records)
 
     trainer = MixedPolicyGRPOTrainer(
         model=toy_model_path(out_dir), reward_funcs=reward, processing_class=build_tokenizer(),

@@ -15,6 +15,7 @@ from conftest import (  # noqa: E402
     build_model,
     build_tokenizer,
     math_dataset,
+    recording_boxed_reward,
     shut_down_processes,
     tiny_args,
     train_recording_batches,
@@ -26,12 +27,7 @@ out_dir = sys.argv[1]
 records = []
 
 
-def reward(completions, ground_truth, is_off_policy, prompts, **kwargs):
-    texts = [c[0]["content"] for c in completions]
-    rewards = [float(f"boxed{{{gt}}}" in t) for t, gt in zip(texts, ground_truth)]
-    records.append({"prompts": [p[-1]["content"] for p in prompts], "flags": list(is_off_policy),
-                    "rewards": rewards})
-    return rewards
+reward = recording_boxed_reward(records)
 
 
 tokenizer = build_tokenizer()

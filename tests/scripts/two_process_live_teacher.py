@@ -18,6 +18,7 @@ from conftest import (  # noqa: E402
     build_model,
     build_tokenizer,
     math_dataset,
+    recording_boxed_reward,
     shut_down_processes,
     tiny_args,
 )
@@ -39,12 +40,7 @@ class Teacher:
             yield request, Generation(f"{a} + {b} = {answer}. The answer is \\boxed{{{answer}}}.", 9, False)
 
 
-def reward(completions, ground_truth, is_off_policy, prompts, **kwargs):
-    texts = [c[0]["content"] for c in completions]
-    rewards = [float(f"boxed{{{gt}}}" in t) for t, gt in zip(texts, ground_truth)]
-    records.append({"prompts": [p[-1]["content"] for p in prompts], "flags": list(is_off_policy),
-                    "rewards": rewards})
-    return rewards
+reward = recording_boxed_reward(records)
 
 
 dataset = math_dataset(6).map(lambda row, i: {"target": [] if i in (1, 3, 4) else row["target"]}, with_indices=True)
