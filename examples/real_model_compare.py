@@ -49,7 +49,9 @@ import demo_compare  # noqa: E402
 import train_luffy  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-RECIPE = HERE / "recipes" / "smollm2_lora_cpu.yaml"
+from luffy_trl.configs import recipe_path  # noqa: E402
+
+RECIPE = recipe_path("smollm2_lora_cpu")
 # The calibrated budget (see docs/real-model.md); recipe fields, overridable on the command line.
 DEFAULTS = ["--max_steps", "30", "--learning_rate", "5e-4", "--max_completion_length", "64"]
 HELDOUT_ROWS = 40  # per held-out set
