@@ -1,4 +1,4 @@
-"""Padding-free micro-batches (`padding_free_batches`): tokens computed and training time, three arms alternating.
+"""Padding-free micro-batches (`padding_free_batches`): tokens computed and training time, four arms alternating.
 
     python benchmarks/bench_batching.py                              # CPU preset, both length mixes, 5 reps
     python benchmarks/bench_batching.py --preset gpu --length_scale 4 --reps 5   # on a CUDA machine
@@ -6,9 +6,13 @@
     python benchmarks/bench_batching.py --plan_only      # the planner's token counts at LUFFY's scale, no model
 
 Arms (same model initialisation, data, seed, LUFFY's loss settings and geometry):
-* `on`:    MixedPolicyGRPOTrainer, `padding_free_batches=True` (G = 8 = 7 + 1);
+* `on`:    MixedPolicyGRPOTrainer, `padding_free_batches=True`, `pack_sequences="never"` (G = 8 = 7 + 1): rows
+           reassigned by length, each micro-batch cut to its longest row;
 * `off`:   the same with `padding_free_batches=False` (TRL's fixed padded micro-batches);
-* `stock`: GRPOTrainer, G = 8 on-policy rows at the same on-policy lengths.
+* `stock`: GRPOTrainer, G = 8 on-policy rows at the same on-policy lengths;
+* `pack`:  `on` with `pack_sequences="always"`: each micro-batch (and each no-grad forward) packed into one sequence.
+           On CPU the model's attention is sdpa, which runs a packed sequence with a dense block-diagonal mask
+           (quadratic in the micro-batch's tokens); with flash attention it is a varlen kernel.
 
 Geometry: 8-row micro-batches, GA = 4 (four micro-batches per optimiser step), `steps_per_generation` = 2·GA (LUFFY's
 two optimiser steps per rollout, so TRL computes old log-probs), 64 rows per generation batch.
@@ -45,7 +49,7 @@ from trl import GRPOConfig, GRPOTrainer
 from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer
 from luffy_trl.toy import boxed_answer_reward, toy_tokenizer
 
-ARMS = ("on", "off", "stock")
+ARMS = ("on", "off", "stock", "pack")
 RESULTS = Path(__file__).resolve().parent / "results"
 # (on-policy length range, teacher length range) in tokens, before --length_scale
 MIXES = {"early": ((16, 96), (224, 336)), "late": ((200, 320), (200, 320))}
@@ -123,7 +127,8 @@ def build(arm: str, args, tokenizer, dataset, max_len: int):
         trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=GRPOConfig(**common),
                               train_dataset=dataset, processing_class=tokenizer)
     else:
-        config = MixedPolicyGRPOConfig(num_off_policy=1, padding_free_batches=arm == "on", **common)
+        config = MixedPolicyGRPOConfig(num_off_policy=1, padding_free_batches=arm != "off",
+                                       pack_sequences="always" if arm == "pack" else "never", **common)
         trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=config,
                                          train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
@@ -189,8 +194,25 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
 
     compute_loss = trainer._compute_loss
 
+    if arm == "pack":  # packed forwards call the model directly, not TRL's `_get_per_token_logps_and_entropies`
+        packed_forward = trainer._packed_forward
+
+        def timed_packed(model, input_ids, *a, **k):
+            if torch.is_grad_enabled():
+                return packed_forward(model, input_ids, *a, **k)
+            sync()
+            start = time.perf_counter()
+            out = packed_forward(model, input_ids, *a, **k)
+            sync()
+            counts["logprob_time"] += time.perf_counter() - start
+            counts["logprob_computed"] += out[-1]
+            return out
+
+        trainer._packed_forward = timed_packed
+
     def counting_loss(model, inputs):
-        counts["loss_computed"].append(inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
+        counts["loss_computed"].append(trainer._chunk_packed_tokens(inputs) if arm == "pack" else
+                                       inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
         counts["loss_real"].append(real_tokens(inputs))
         return compute_loss(model, inputs)
 
@@ -231,7 +253,7 @@ def plan_only(seeds: int = 20, max_len: int = 8192) -> dict:
 
     out = {}
     for mix, (prompt_range, median, spread, teacher_mult) in PLAN_MIXES.items():
-        ratios = {"trl": [], "on": [], "logprob_trl": [], "logprob_on": []}
+        ratios = {"trl": [], "on": [], "logprob_trl": [], "logprob_on": [], "packed_largest_over_mean": []}
         for seed in range(seeds):
             rng = random.Random(seed)
             prompt, completion, teacher = [], [], []
@@ -254,6 +276,10 @@ def plan_only(seeds: int = 20, max_len: int = 8192) -> dict:
                 rows = [order[8 * j + i] for j in window for i in range(8)]
                 plan = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows], len(window))
                 planned += padded_tokens(plan, [prompt[r] for r in rows], [completion[r] for r in rows])
+                packed = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows], len(window),
+                                            packed=True)
+                sizes = [sum(prompt[rows[i]] + completion[rows[i]] for i in b) for b in packed]
+                ratios["packed_largest_over_mean"].append(max(sizes) / statistics.mean(sizes))
             on_policy = [i for i in range(64) if not teacher[i]]
             batches = pack_forwards(prompt, completion, on_policy, 8 * (max(prompt) + max(completion)))
             logprob = padded_tokens(batches, prompt, completion)
@@ -273,9 +299,10 @@ def plot(summary: dict, path: Path) -> None:
 
     mixes = list(summary["mixes"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.25
-    for i, arm in enumerate(ARMS):
-        xs = [m + (i - 1) * width for m in range(len(mixes))]
+    arms = [arm for arm in ARMS if arm in summary["mixes"][mixes[0]]]
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
+        xs = [m + (i - (len(arms) - 1) / 2) * width for m in range(len(mixes))]
         axes[0].bar(xs, [summary["mixes"][m][arm]["computed_over_real"] for m in mixes], width, label=arm)
         axes[1].bar(xs, [summary["mixes"][m][arm]["train_time"] / summary["mixes"][m]["off"]["train_time"]
                          for m in mixes], width, label=arm)
@@ -344,11 +371,11 @@ def main(argv=None):
             entry[arm] = {key: statistics.median(r[arm][key] for r in rows)
                           for key in ("computed_over_real", "computed_with_logprobs_over_real", "train_time",
                                       "step_time", "loss_tokens_computed", "real_tokens", "logprob_tokens_computed")}
-        for other in ("off", "stock"):
+        for arm, other in (("on", "off"), ("on", "stock"), ("pack", "off"), ("pack", "on")):
             for key in ("train_time", "step_time"):
-                values = [r["on"][key] / r[other][key] for r in rows]
-                entry[f"on_over_{other}_{key}"] = {"median": statistics.median(values), "min": min(values),
-                                                   "max": max(values), "n": len(values)}
+                values = [r[arm][key] / r[other][key] for r in rows]
+                entry[f"{arm}_over_{other}_{key}"] = {"median": statistics.median(values), "min": min(values),
+                                                      "max": max(values), "n": len(values)}
         summary["mixes"][mix] = entry
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

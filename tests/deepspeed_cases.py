@@ -30,6 +30,9 @@ PARITY_ARMS = {
     # |g| ~ 1e-7 moved by 1e-3 between one process and ZeRO-3), so eps is raised to 1e-4: the update then depends
     # smoothly (and, unlike with a tiny eps, with its scale) on the gradient.
     "adamw_beta": {"learning_rate": 1e-2, "adam_epsilon": 1e-4, "beta": 0.04},
+    # The SGD arm with each micro-batch packed into one sequence (`pack_sequences`): the same parameters as "sgd".
+    "sgd_packed": {"optim": "sgd", "learning_rate": 0.05, "max_grad_norm": 1e6, "weight_decay": 0.0, "beta": 0.0,
+                   "pack_sequences": "always"},
 }
 
 
@@ -128,7 +131,8 @@ def parity(out_dir: str, arm: str) -> dict:
     if rank == 0:
         torch.save([initial, *params.steps], os.path.join(out_dir, f"parity_{arm}.pt"))
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    keys = ("loss", "grad_norm", "kl", "reward", "off_policy/fraction_of_rows")
+    keys = ("loss", "grad_norm", "kl", "reward", "off_policy/fraction_of_rows", "batching/padding_ratio",
+            "batching/packing_fallbacks")
     return {"logs": [{k: h[k] for k in keys if k in h} for h in logs], "zero_stage": zero_stage(trainer),
             "offload": offload_devices(trainer),
             "optimizer": type(getattr(trainer.model_wrapped, "basic_optimizer", None) or trainer.optimizer).__name__}

@@ -110,8 +110,13 @@ def test_old_log_probs_skip_teacher_rows_and_match_elsewhere(trainers):
 
 @pytest.mark.slow
 @requires_torchrun
-def test_two_processes_same_gradients_and_forward_counts(tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["trimmed", "packed"])
+def test_two_processes_same_gradients_and_forward_counts(tmp_path, monkeypatch, packed):
+    monkeypatch.setenv("LUFFY_TEST_PACK", "1" if packed else "0")
     ranks = run_two_processes(SCRIPT, tmp_path)
+    assert [r["packed"] for r in ranks] == [packed, packed]
+    if packed:  # every forward ran packed: only real tokens computed
+        assert all(r["fallbacks"] == 0 and all(x == 1.0 for x in r["ratios"]) for r in ranks)
     for rank in ranks:
         for loss_type, difference in rank["relative_difference"].items():
             assert difference < 1e-6, (rank["rank"], loss_type, difference)

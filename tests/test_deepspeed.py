@@ -81,20 +81,20 @@ def load(out_dir: pathlib.Path, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    return launch("zero3", "groups,nogather,lora,evaluation,parity:sgd,parity:adamw_beta,resume",
+    return launch("zero3", "groups,nogather,lora,evaluation,parity:sgd,parity:sgd_packed,parity:adamw_beta,resume",
                   tmp_path_factory.mktemp("zero3"))
 
 
 @pytest.fixture(scope="module")
 def zero2(tmp_path_factory):
-    return launch("zero2", "parity:sgd,parity:adamw_beta,resume", tmp_path_factory.mktemp("zero2"))
+    return launch("zero2", "parity:sgd,parity:sgd_packed,parity:adamw_beta,resume", tmp_path_factory.mktemp("zero2"))
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(DRIVER), str(out_dir), "parity:sgd,parity:adamw_beta"]
+           str(DRIVER), str(out_dir), "parity:sgd,parity:sgd_packed,parity:adamw_beta"]
     check(subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
                          check=False))
     return out_dir
@@ -173,10 +173,10 @@ def test_parity_with_one_process(backend, arm, request, one_process):
     out_dir = request.getfixturevalue(backend)
     (got, params), (want, reference) = parity_run(out_dir, arm), parity_run(one_process, arm)
     assert got["zero_stage"] == {"zero2": 2, "zero3": 3, "ddp": None}[backend]
-    assert_logs_close(got["logs"], want["logs"], rel=LOG_RTOL if arm == "sgd" else ADAM_ONE_PROCESS_LOG_RTOL)
+    assert_logs_close(got["logs"], want["logs"], rel=LOG_RTOL if arm.startswith("sgd") else ADAM_ONE_PROCESS_LOG_RTOL)
     assert got["logs"][0]["loss"] == pytest.approx(want["logs"][0]["loss"], rel=LOG_RTOL)  # before any update
     assert len(params) == len(reference) == 4  # initial + 3 optimiser steps
-    atol = PARAM_ATOL if arm == "sgd" else ADAM_ONE_PROCESS_ATOL
+    atol = PARAM_ATOL if arm.startswith("sgd") else ADAM_ONE_PROCESS_ATOL
     for step, (p, r) in enumerate(zip(params, reference)):
         assert max_param_difference(p, r) <= atol, step
     assert max_param_difference(reference[-1], reference[0]) > 100 * atol  # training moved them
@@ -190,6 +190,22 @@ def test_parity_with_ddp(backend, arm, request, ddp):
     assert_logs_close(got["logs"], want["logs"], keys=("loss", "grad_norm", "kl", "reward"))
     for p, r in zip(params, reference):
         assert max_param_difference(p, r) <= PARAM_ATOL
+
+
+@pytest.mark.parametrize("backend", ["zero2", "zero3", "one_process"])
+def test_packed_sequences_give_the_padded_parameters(backend, request):
+    """`pack_sequences="always"` (one packed sequence per micro-batch, no padding) trains to the parameters of the
+    padded arm, under ZeRO-2/3 too (one forward per micro-step on every process either way)."""
+    out_dir = request.getfixturevalue(backend)
+    (packed_logs, packed), (padded_logs, padded) = parity_run(out_dir, "sgd_packed"), parity_run(out_dir, "sgd")
+    assert_logs_close(packed_logs["logs"], padded_logs["logs"])
+    for p, r in zip(packed, padded):
+        assert max_param_difference(p, r) <= PARAM_ATOL
+    assert max_param_difference(packed[-1], packed[0]) > 100 * PARAM_ATOL
+    ratios = [h["batching/padding_ratio"] for h in packed_logs["logs"] if "batching/padding_ratio" in h]
+    assert ratios and all(r == 1.0 for r in ratios)  # packed: only real tokens computed...
+    assert all(h.get("batching/packing_fallbacks", 0) == 0 for h in packed_logs["logs"])  # ...and nothing fell back
+    assert any(h["batching/padding_ratio"] > 1.0 for h in padded_logs["logs"] if "batching/padding_ratio" in h)
 
 
 def test_zero3_reference_model_for_beta(zero3):

@@ -13,6 +13,8 @@ micro-batch of micro-step `s`. This module plans a cheaper layout with the same 
    Rows that take no part in the loss (all-zero loss mask) are left out.
 3. `trim_widths`: the prompt and completion widths a micro-batch needs (its longest real prompt and completion).
 4. `pack_forwards`: the no-grad forwards (old / reference log-probs) as length-sorted, budgeted batches.
+5. `pack_sequences`: the same forwards when rows are packed into one sequence each (`pack_sequences`): bins of
+   real tokens, first-fit decreasing.
 """
 
 from __future__ import annotations
@@ -60,10 +62,6 @@ def exchangeable_chunks(
     return list(windows.values())
 
 
-def _segment_cost(prompt: Sequence[int], completion: Sequence[int], start: int, end: int) -> int:
-    return (end - start) * (max(prompt[start:end]) + max(1, max(completion[start:end])))
-
-
 def plan_micro_batches(
     prompt_lengths: Sequence[int],
     completion_lengths: Sequence[int],
@@ -71,6 +69,7 @@ def plan_micro_batches(
     *,
     active: Sequence[bool] | None = None,
     max_tokens: int | None = None,
+    packed: bool = False,
 ) -> list[list[int]]:
     """Assign the rows of one window to exactly `num_micro_batches` non-empty micro-batches.
 
@@ -84,6 +83,9 @@ def plan_micro_batches(
         max_tokens: budget of padded tokens (rows × (longest prompt + longest completion)) per micro-batch. Default:
             `ceil(R / K)` rows at the window's longest prompt + completion, i.e. never more than TRL's own
             micro-batch holds.
+        packed: the micro-batches are packed into one sequence each (`pack_sequences`): a micro-batch costs its
+            real tokens (the sum of its rows' prompt + completion), so the total is fixed and the plan minimises the
+            largest micro-batch (token-balanced micro-batches).
 
     Returns:
         K lists of row indices, longest micro-batch first. Active rows are sorted by total length (descending) and
@@ -113,9 +115,9 @@ def plan_micro_batches(
     if k * r * r > MAX_EXACT_PLAN_WORK:
         bounds = _equal_runs(r, k)
     else:
-        bounds = _optimal_runs(prompt, completion, k, max_tokens)
+        bounds = _optimal_runs(prompt, completion, k, max_tokens, packed)
         if bounds is None:  # budget infeasible (a user budget below the longest rows): ignore it
-            bounds = _optimal_runs(prompt, completion, k, None)
+            bounds = _optimal_runs(prompt, completion, k, None, packed)
     return [[rows[i] for i in range(a, b)] for a, b in bounds]
 
 
@@ -124,16 +126,20 @@ def _equal_runs(r: int, k: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
-def _optimal_runs(prompt, completion, k, max_tokens) -> list[tuple[int, int]] | None:
-    """Cut rows 0..r-1 (sorted) into k non-empty contiguous runs minimising (total cost, largest cost)."""
+def _optimal_runs(prompt, completion, k, max_tokens, packed=False) -> list[tuple[int, int]] | None:
+    """Cut rows 0..r-1 (sorted) into k non-empty contiguous runs minimising (total cost, largest cost).
+
+    A run costs its padded tokens (rows × (longest prompt + longest completion)), or with `packed` its real tokens.
+    """
     r = len(prompt)
     inf = (float("inf"), float("inf"))
     cost = [[0] * (r + 1) for _ in range(r)]
     for a in range(r):
-        p = c = 0
+        p = c = total = 0
         for b in range(a + 1, r + 1):
             p, c = max(p, prompt[b - 1]), max(c, completion[b - 1])
-            cost[a][b] = (b - a) * (p + max(1, c))
+            total += prompt[b - 1] + max(1, completion[b - 1])
+            cost[a][b] = total if packed else (b - a) * (p + max(1, c))
     # best[j][b]: best (total, largest) for rows 0..b-1 in j runs
     best = [[inf] * (r + 1) for _ in range(k + 1)]
     cut = [[0] * (r + 1) for _ in range(k + 1)]
@@ -197,3 +203,23 @@ def pack_forwards(
             batches.append([i])
             p, c = prompt_lengths[i], max(1, completion_lengths[i])
     return batches
+
+
+def pack_sequences(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Bins of `rows` whose summed `lengths` (real tokens) stay within `max_tokens`, for packed no-grad forwards.
+
+    First-fit decreasing over rows sorted by length (longest first): a row goes to the first bin with room, else
+    opens a new one; a row longer than the budget gets a bin of its own. Bins keep the longest-first order.
+    """
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(rows, key=lambda i: (-lengths[i], i)):
+        for b, left in enumerate(room):
+            if lengths[i] <= left:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return bins

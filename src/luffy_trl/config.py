@@ -346,6 +346,18 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             "False: TRL's fixed padded micro-batches."
         },
     )
+    pack_sequences: str = field(
+        default="auto",
+        metadata={
+            "help": "With padding_free_batches: pack each micro-batch's rows into one sequence (position ids restart "
+            "per row, no padding at all; verl's use_remove_padding) for the loss and the no-grad forwards, with "
+            "micro-batches balanced by real tokens. 'auto': only when the model's attention implementation is a "
+            "varlen kernel (flash_attention_2/3, a kernels-hub flash kernel, flex_attention), where attention "
+            "costs the sum of the rows' squared lengths; with sdpa/eager the packed sequence needs a dense "
+            "block-diagonal mask, quadratic in the micro-batch's total tokens. 'always', 'never'.",
+            "choices": ["auto", "always", "never"],
+        },
+    )
 
     # ---- a live teacher (luffy_trl.trainer_live; docs/traces.md) ---------------------------------------------------
     live_teacher_url: str | None = field(
@@ -483,6 +495,7 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         choice("off_policy_schedule_target", SCHEDULE_TARGETS)
         choice("off_policy_trace_selection", TRACE_SELECTIONS)
         choice("off_policy_loss", OFF_POLICY_LOSSES)
+        choice("pack_sequences", ("auto", "always", "never"))
         threshold = self.off_policy_trigger_threshold
         if self.off_policy_trigger == "accuracy_below" and not (0.0 < threshold <= 1.0):
             raise ValueError(

@@ -12,6 +12,10 @@
   never read it: π_φ = 1, ratio exactly 1; their value is 0). Every process runs the same number of forwards
   (ZeRO-3 gathers weights inside each): the count is gathered and a process with fewer runs tiny dummy forwards.
 
+* With `pack_sequences` (docs/batching.md, "Packed sequences"), the loss forward of each micro-batch and the
+  no-grad forwards run over the rows packed into one sequence (`_packed_forward`): no padding at all, position ids
+  restarting at 0 for every row, and the per-token results scattered back into TRL's (rows, completion) layout.
+
 Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call and one gather of the token
 counters per training generation batch; both branches depend on config and mode only.
 """
@@ -20,12 +24,19 @@ from __future__ import annotations
 
 import torch
 
-from luffy_trl.batching import exchangeable_chunks, pack_forwards, plan_micro_batches
+import logging
+
+from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_sequences, plan_micro_batches
 from luffy_trl.trainer_generation import IS_OFF_POLICY
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
 BATCHING_INFO = "_batching"
 PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+# Attention implementations whose packed-sequence path costs the sum of the rows' squared lengths (varlen kernels or
+# block-sparse masks); `pack_sequences="auto"` packs only with these.
+VARLEN_ATTENTION = ("flash", "flex_attention")
+
+logger = logging.getLogger(__name__)
 
 
 def _prompt_lengths(prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -47,9 +58,20 @@ class PaddingFreeBatchingMixin:
     """Reassigns and trims TRL's buffered micro-batches; runs the no-grad forwards over the rows that need them."""
 
     _nograd_plan = None  # teacher flags, no-grad calls and tokens so far, while `_generate_and_score_completions` runs
+    _packing_fallbacks = 0  # forwards that could not be packed (logged as `batching/packing_fallbacks`)
 
     def _padding_free_enabled(self) -> bool:
         return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
+
+    def _packing_enabled(self) -> bool:
+        """`pack_sequences`: 'always', 'never', or 'auto' = only with a varlen attention implementation."""
+        mode = getattr(self.args, "pack_sequences", "never")
+        if mode == "never" or not self._padding_free_enabled():
+            return False
+        if mode == "always":
+            return True
+        implementation = str(getattr(self.model.config, "_attn_implementation", None) or "")
+        return any(name in implementation for name in VARLEN_ATTENTION)
 
     # ------------------------------------------------------------------------------------------------------------
     # Training micro-batches
@@ -65,15 +87,16 @@ class PaddingFreeBatchingMixin:
         if not regenerates:
             return inputs
         chunks = self._buffered_inputs
+        packing = self._packing_enabled()
         baseline = sum(self._chunk_tokens(chunk) for chunk in chunks)
         real = sum(self._chunk_real_tokens(chunk) for chunk in chunks)
         if self._padding_free_enabled():
             windows = [[j] for j in range(spg)]
             if self._rows_exchangeable():
                 windows = exchangeable_chunks(step, spg, self.args.gradient_accumulation_steps, self.num_iterations)
-            chunks = self._replan_chunks(chunks, windows)
+            chunks = self._replan_chunks(chunks, windows, packing)
             self._buffered_inputs = chunks
-        computed = sum(self._chunk_tokens(chunk) for chunk in chunks)
+        computed = sum(self._chunk_packed_tokens(c) if packing else self._chunk_tokens(c) for c in chunks)
         self._log_batching_metrics(baseline, computed, real)
         return self._buffered_inputs[step % spg]
 
@@ -94,12 +117,19 @@ class PaddingFreeBatchingMixin:
     def _chunk_tokens(chunk) -> int:
         return chunk["prompt_ids"].numel() + chunk["completion_ids"].numel()
 
+    @staticmethod
+    def _chunk_packed_tokens(chunk) -> int:
+        """Tokens of the chunk's packed loss forward: every row with completion tokens, prompt + completion extent."""
+        extents = _completion_extents(chunk["completion_mask"])
+        active = extents > 0
+        return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
+
     def _chunk_real_tokens(self, chunk) -> int:
         extents = _completion_extents(self._loss_mask(chunk))
         active = extents > 0
         return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
 
-    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]]) -> list[dict]:
+    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]], packed: bool = False) -> list[dict]:
         """New chunks: rows reassigned within each window, rows without loss tokens dropped, columns trimmed."""
         out = [None] * len(chunks)
         for window in windows:
@@ -109,7 +139,7 @@ class PaddingFreeBatchingMixin:
             prompt_len = _prompt_lengths(merged["prompt_mask"]).tolist()
             completion_len = _completion_extents(mask).tolist()
             active = [c > 0 for c in completion_len]
-            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active)
+            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active, packed=packed)
             is_off = merged.get(IS_OFF_POLICY)
             is_off = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device) if is_off is None else is_off
             row_tokens = mask.sum(1).float()
@@ -129,13 +159,16 @@ class PaddingFreeBatchingMixin:
         return out
 
     def _log_batching_metrics(self, baseline: int, computed: int, real: int) -> None:
-        counts = torch.tensor([float(baseline), float(computed), float(real)], device=self.accelerator.device)
-        baseline, computed, real = self.accelerator.reduce(counts, reduction="sum").tolist()
+        counts = torch.tensor([float(baseline), float(computed), float(real), float(self._packing_fallbacks)],
+                              device=self.accelerator.device)
+        baseline, computed, real, fallbacks = self.accelerator.reduce(counts, reduction="sum").tolist()
         metrics = self._metrics["train"]
         metrics["batching/computed_tokens"].append(computed)
         metrics["batching/real_tokens"].append(real)
         metrics["batching/padding_ratio"].append(computed / max(real, 1.0))
         metrics["batching/fixed_batch_tokens"].append(baseline)
+        if getattr(self.args, "pack_sequences", "never") != "never":
+            metrics["batching/packing_fallbacks"].append(fallbacks)
 
     # ------------------------------------------------------------------------------------------------------------
     # No-grad forwards (old and reference log-probs)
@@ -144,7 +177,8 @@ class PaddingFreeBatchingMixin:
         if not self.model.training:
             return super()._generate_and_score_completions(inputs)
         is_off = [bool(row.get(IS_OFF_POLICY, False)) for row in inputs]
-        self._nograd_plan = {"is_off": is_off, "calls": 0, "tokens": 0, "enabled": self._padding_free_enabled()}
+        self._nograd_plan = {"is_off": is_off, "calls": 0, "tokens": 0, "enabled": self._padding_free_enabled(),
+                             "packing": self._packing_enabled()}
         try:
             output = super()._generate_and_score_completions(inputs)
             tokens = torch.tensor(float(self._nograd_plan["tokens"]), device=self.accelerator.device)
@@ -164,11 +198,15 @@ class PaddingFreeBatchingMixin:
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **kwargs):
         plan = self._nograd_plan
+        extra = any(v is not None for v in kwargs.values())
+        if plan is None and torch.is_grad_enabled() and model.training and not extra and self._packing_enabled():
+            packed = self._packed_loss_forward(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                                               compute_aux_loss)
+            if packed is not None:
+                return packed
         if plan is not None and not torch.is_grad_enabled() and not plan["enabled"]:  # switch off: count only
             plan["tokens"] += input_ids.numel()
-        if plan is None or not plan["enabled"] or torch.is_grad_enabled() or compute_entropy or compute_aux_loss or any(
-            v is not None for v in kwargs.values()
-        ):
+        if plan is None or not plan["enabled"] or torch.is_grad_enabled() or compute_entropy or compute_aux_loss or extra:
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **kwargs)
@@ -181,13 +219,27 @@ class PaddingFreeBatchingMixin:
         rows = [i for i, c in enumerate(completion_len) if c > 0 and not (is_old and plan["is_off"][i])]
         batch_size = batch_size or input_ids.size(0)
         budget = batch_size * input_ids.size(1)
-        batches = pack_forwards(prompt_len, completion_len, rows, budget)
+        packing = plan["packing"] and rows and self._unpackable(attention_mask, logits_to_keep, rows) is None
+        if packing:
+            batches = pack_sequences([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
+        else:
+            if plan["packing"] and rows:
+                self._count_packing_fallback(self._unpackable(attention_mask, logits_to_keep, rows))
+            batches = pack_forwards(prompt_len, completion_len, rows, budget)
         counts = self.accelerator.gather(torch.tensor([len(batches)], device=input_ids.device))
         num_forwards = int(counts.max())
         out = None
         computed = 0
         width = input_ids.size(1)
         for batch in batches:
+            if packing:
+                (index, cols), logps, _, _, tokens = self._packed_forward(model, input_ids, attention_mask,
+                                                                          logits_to_keep, batch)
+                if out is None:
+                    out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=logps.dtype, device=logps.device)
+                out[index, cols] = logps
+                computed += tokens
+                continue
             p = max(1, max(prompt_len[i] for i in batch))
             c = max(1, max(completion_len[i] for i in batch))
             index = torch.tensor(batch, device=input_ids.device)
@@ -206,6 +258,88 @@ class PaddingFreeBatchingMixin:
             out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=torch.float32, device=input_ids.device)
         plan["tokens"] += computed
         return out, None, None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Packed sequences (`pack_sequences`)
+    # ------------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _unpackable(attention_mask, logits_to_keep: int, rows: list[int]) -> str | None:
+        """Why `rows` cannot be packed (None when they can): each row's mask must be one contiguous run of real
+        tokens, the prompt's ending at the prompt/completion boundary and the completion's starting there, and every
+        row needs a prompt token (the first completion token is predicted from it)."""
+        index = torch.tensor(rows, device=attention_mask.device)
+        prompt_mask = attention_mask[index, : attention_mask.size(1) - logits_to_keep]
+        completion_mask = attention_mask[index, attention_mask.size(1) - logits_to_keep:]
+        prompt_len = _prompt_lengths(prompt_mask)
+        if (prompt_len < 1).any():
+            return "a row has an empty prompt"
+        if (prompt_mask.long().sum(1) != prompt_len).any():
+            return "a prompt mask has holes (not left padding only)"
+        if (completion_mask.long().sum(1) != _completion_extents(completion_mask)).any():
+            return "a completion mask has holes (not right padding only)"
+        return None
+
+    def _count_packing_fallback(self, reason: str | None) -> None:
+        if reason is None:
+            return
+        if self._packing_fallbacks == 0:
+            logger.warning("pack_sequences: a forward runs padded instead of packed (%s); counted in "
+                           "batching/packing_fallbacks. The result is the same, only slower.", reason)
+        self._packing_fallbacks += 1
+
+    def _packed_forward(self, model, input_ids, attention_mask, logits_to_keep: int, rows: list[int],
+                        compute_entropy: bool = False, compute_aux_loss: bool = False):
+        """One forward over `rows` packed into a single sequence (TRL's fused log-prob head, `fused_lm_head=True`).
+
+        The real tokens of each row (its prompt without left padding, its completion up to the last attended token)
+        are concatenated; position ids restart at 0 for every row, which is how transformers recognises a packed
+        batch (block-diagonal causal attention; varlen kernels with flash attention). Returns ((rows, columns) of
+        the completion tokens in the (B, logits_to_keep) layout, their log-probs, their entropies or None, the MoE
+        aux loss or None, the number of tokens computed). The caller checks `_unpackable` first.
+        """
+        device = input_ids.device
+        start = input_ids.size(1) - logits_to_keep
+        index = torch.tensor(rows, device=device)
+        prompt_len = _prompt_lengths(attention_mask[index, :start])
+        completion_len = _completion_extents(attention_mask[index, start:])
+        lengths = prompt_len + completion_len
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        position = torch.arange(row_of.numel(), device=device) - offsets[row_of]
+        column = (start - prompt_len)[row_of] + position  # the token's column in the padded layout
+        ids = input_ids[index[row_of], column]
+        in_completion = position >= prompt_len[row_of]
+        labels = ids.masked_fill(~in_completion, -100)
+        model_inputs = {"input_ids": ids[None], "position_ids": position[None], "labels": labels[None]}
+        if compute_aux_loss:
+            model_inputs["output_router_logits"] = True
+        with self.accelerator.autocast():
+            outputs = model(**model_inputs, fused_lm_head=True)
+        token = torch.nonzero(in_completion).squeeze(1)
+        # The fused head scores labels shifted by one: position t holds the log-prob of token t + 1.
+        logps = outputs.log_probs[0, token - 1]
+        entropies = outputs.entropy[0, token - 1] if compute_entropy else None
+        aux_loss = outputs.aux_loss if compute_aux_loss else None
+        return (index[row_of[token]], column[token] - start), logps, entropies, aux_loss, row_of.numel()
+
+    def _packed_loss_forward(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                             compute_aux_loss):
+        """The loss forward of one micro-batch, packed; None to run TRL's padded forward instead (counted)."""
+        completion_len = _completion_extents(attention_mask[:, input_ids.size(1) - logits_to_keep:]).tolist()
+        rows = [i for i, c in enumerate(completion_len) if c > 0]
+        if not rows:  # nothing to score: TRL's forward keeps the graph connected (a differentiable zero)
+            return None
+        reason = self._unpackable(attention_mask, logits_to_keep, rows)
+        if reason is not None:
+            self._count_packing_fallback(reason)
+            return None
+        (index, cols), logps, entropies, aux_loss, _ = self._packed_forward(
+            model, input_ids, attention_mask, logits_to_keep, rows, compute_entropy, compute_aux_loss)
+        shape = (input_ids.size(0), logits_to_keep)
+        per_token_logps = logps.new_zeros(shape).index_put((index, cols), logps)
+        if entropies is not None:
+            entropies = entropies.new_zeros(shape).index_put((index, cols), entropies)
+        return per_token_logps, entropies, aux_loss
 
 
 def _concat_rows(chunks: list[dict]) -> dict:

@@ -47,16 +47,38 @@ def recording_pack(*args, **kwargs):
 
 
 trainer_batching.pack_forwards = recording_pack
+# LUFFY_TEST_PACK=1: the same with `pack_sequences="always"` (one packed sequence per forward). Packed forwards call
+# the model directly, so they are counted here; the dummies that equalise the count still go through TRL's method.
+PACK = os.environ.get("LUFFY_TEST_PACK") == "1"
+original_packed = trainer_batching.PaddingFreeBatchingMixin._packed_forward
+original_bins = trainer_batching.pack_sequences
+
+
+def counting_packed(self, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        forwards["count"] += 1
+    return original_packed(self, *args, **kwargs)
+
+
+def recording_bins(*args, **kwargs):
+    bins = original_bins(*args, **kwargs)
+    planned.append(len(bins))
+    return bins
+
+
+trainer_batching.PaddingFreeBatchingMixin._packed_forward = counting_packed
+trainer_batching.pack_sequences = recording_bins
 tokenizer = build_tokenizer()
 # Rank 0: completions as generated (up to 48 tokens); rank 1: most rows cut to 1 token, a few long ones setting its
 # padded width. Rank 1 packs its old-log-prob rows into fewer forwards than rank 0 and must run dummies to match
 # (the test checks that the planned counts differ).
 LENGTHS = [48] if os.environ["RANK"] == "0" else [1, 48, 1, 1, 1, 48, 1, 1, 48, 1, 1]
 common = dict(per_device_train_batch_size=3, gradient_accumulation_steps=2, steps_per_generation=4,
-              num_generations=4, max_completion_length=48, entropy_coef=0.0, off_policy_trigger="all_fail")
+              num_generations=4, max_completion_length=48, entropy_coef=0.0, off_policy_trigger="all_fail",
+              pack_sequences="always" if PACK else "never")
 trainer = make_trainer(tokenizer, os.path.join(out_dir, "grads"), **common)
 cut_lengths(trainer, LENGTHS)
-result = {"rank": dist.get_rank(), "relative_difference": {}, "rows": {}}
+result = {"rank": dist.get_rank(), "relative_difference": {}, "rows": {}, "packed": PACK}
 batch = next(iter(trainer.get_train_dataloader()))
 trainer.args.padding_free_batches = True
 torch.manual_seed(0)
@@ -84,6 +106,7 @@ trainer.train()
 result["changed"] = sum(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 result["ratios"] = [entry["batching/padding_ratio"] for entry in trainer.state.log_history
                     if "batching/padding_ratio" in entry]
+result["fallbacks"] = trainer._packing_fallbacks
 with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
     json.dump(result, f)
 shut_down_processes()
