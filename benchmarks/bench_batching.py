@@ -50,6 +50,8 @@ from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer
 from luffy_trl.toy import boxed_answer_reward, toy_tokenizer
 
 ARMS = ("on", "off", "stock", "pack")
+LABELS = {"on": "on (cut to longest row)", "off": "off (TRL's layout)", "stock": "stock GRPOTrainer",
+          "pack": "pack (one sequence, sdpa)"}
 RESULTS = Path(__file__).resolve().parent / "results"
 # (on-policy length range, teacher length range) in tokens, before --length_scale
 MIXES = {"early": ((16, 96), (224, 336)), "late": ((200, 320), (200, 320))}
@@ -153,6 +155,8 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
     max_len = max(on_policy[1], teacher[1]) * scale + 8
     dataset = teacher_dataset(tokenizer, 64, teacher, scale)
     trainer = build(arm, args, tokenizer, dataset, max_len)
+    if device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     vocab = trainer.model.config.vocab_size if args.vocab_size is None else min(args.vocab_size, len(tokenizer))
     generate, _ = fixed_generation(on_policy, scale, tokenizer.eos_token_id, min(vocab, len(tokenizer)), max_len)
     counts = {"loss_computed": [], "loss_real": [], "logprob_computed": 0, "logprob_time": 0.0, "train": []}
@@ -226,6 +230,7 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
     finally:
         GRPOTrainer._generate_single_turn, GRPOTrainer._get_per_token_logps_and_entropies = base_generate, base_logps
     steps = len(timer.times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device().type == "cuda" else None
     loss_computed, loss_real = sum(counts["loss_computed"]), sum(counts["loss_real"])
     return {
         "arm": arm, "mix": mix, "optimiser_steps": steps,
@@ -234,6 +239,10 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
         "computed_over_real": loss_computed / loss_real,
         "computed_with_logprobs_over_real": (loss_computed + counts["logprob_computed"]) / loss_real,
         "train_time": statistics.median(counts["train"][1:] or counts["train"]),
+        # real tokens trained per second of training part (loss tokens of one optimiser step / its training part)
+        "real_tokens_per_s": loss_real / max(len(counts["train"]), 1) / statistics.median(counts["train"][1:] or
+                                                                                          counts["train"]),
+        "peak_memory_mib": peak,
         "step_time": statistics.median(timer.times[1:] or timer.times),
     }
 
@@ -303,9 +312,10 @@ def plot(summary: dict, path: Path) -> None:
     width = 0.8 / len(arms)
     for i, arm in enumerate(arms):
         xs = [m + (i - (len(arms) - 1) / 2) * width for m in range(len(mixes))]
-        axes[0].bar(xs, [summary["mixes"][m][arm]["computed_over_real"] for m in mixes], width, label=arm)
+        label = LABELS.get(arm, arm)
+        axes[0].bar(xs, [summary["mixes"][m][arm]["computed_over_real"] for m in mixes], width, label=label)
         axes[1].bar(xs, [summary["mixes"][m][arm]["train_time"] / summary["mixes"][m]["off"]["train_time"]
-                         for m in mixes], width, label=arm)
+                         for m in mixes], width, label=label)
     axes[0].axhline(1.15, color="k", ls="--", lw=0.8, label="target 1.15")
     axes[0].set_title("loss-forward tokens computed / real tokens")
     axes[1].axhline(0.5, color="k", ls="--", lw=0.8, label="target 0.5 (early)")
@@ -370,7 +380,10 @@ def main(argv=None):
         for arm in ARMS:
             entry[arm] = {key: statistics.median(r[arm][key] for r in rows)
                           for key in ("computed_over_real", "computed_with_logprobs_over_real", "train_time",
-                                      "step_time", "loss_tokens_computed", "real_tokens", "logprob_tokens_computed")}
+                                      "step_time", "loss_tokens_computed", "real_tokens", "logprob_tokens_computed",
+                                      "real_tokens_per_s")}
+            peaks = [r[arm]["peak_memory_mib"] for r in rows if r[arm]["peak_memory_mib"] is not None]
+            entry[arm]["peak_memory_mib"] = max(peaks) if peaks else None
         for arm, other in (("on", "off"), ("on", "stock"), ("pack", "off"), ("pack", "on")):
             for key in ("train_time", "step_time"):
                 values = [r[arm][key] / r[other][key] for r in rows]

@@ -4,10 +4,16 @@ import itertools
 
 import pytest
 import torch
-from batching_cases import assert_same_gradients, cache_generation, cut_lengths, make_trainer, step_gradients
+from batching_cases import (
+    assert_same_gradients,
+    cache_generation,
+    cut_lengths,
+    make_trainer,
+    step_gradients,
+)
 from conftest import tiny_args
 
-from luffy_trl.batching import pack_sequences, plan_micro_batches
+from luffy_trl.batching import pack_rows, plan_micro_batches
 from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
 
 LENGTHS = [3, 20, 5, 7, 2, 24, 9, 4, 11]
@@ -16,15 +22,15 @@ LENGTHS = [3, 20, 5, 7, 2, 24, 9, 4, 11]
 # ---------------------------------------------------------------------------------------------------------------------
 # Planning (no model)
 # ---------------------------------------------------------------------------------------------------------------------
-def test_pack_sequences_bins_every_row_once_within_the_budget():
+def test_pack_rows_bins_every_row_once_within_the_budget():
     lengths = [30, 7, 12, 25, 3, 18, 40, 9, 5, 22]
     rows = [0, 1, 2, 3, 5, 6, 7, 9]  # rows 4 and 8 need no forward
-    bins = pack_sequences(lengths, rows, max_tokens=48)
+    bins = pack_rows(lengths, rows, max_tokens=48)
     assert sorted(i for b in bins for i in b) == rows
     assert all(sum(lengths[i] for i in b) <= 48 for b in bins)
     # first-fit decreasing: 40+7 | 30+18 | 25+22 | 12+9 ; a lower bound is ceil(163 / 48) = 4 bins
     assert len(bins) == 4
-    assert pack_sequences([60, 5], [0, 1], max_tokens=48) == [[0], [1]]  # a row over the budget gets its own bin
+    assert pack_rows([60, 5], [0, 1], max_tokens=48) == [[0], [1]]  # a row over the budget gets its own bin
 
 
 def test_packed_plan_minimises_the_largest_micro_batch():

@@ -13,7 +13,7 @@ micro-batch of micro-step `s`. This module plans a cheaper layout with the same 
    Rows that take no part in the loss (all-zero loss mask) are left out.
 3. `trim_widths`: the prompt and completion widths a micro-batch needs (its longest real prompt and completion).
 4. `pack_forwards`: the no-grad forwards (old / reference log-probs) as length-sorted, budgeted batches.
-5. `pack_sequences`: the same forwards when rows are packed into one sequence each (`pack_sequences`): bins of
+5. `pack_rows`: the same forwards when rows are packed into one sequence each (`pack_sequences`): bins of
    real tokens, first-fit decreasing.
 """
 
@@ -205,7 +205,7 @@ def pack_forwards(
     return batches
 
 
-def pack_sequences(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
+def pack_rows(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Bins of `rows` whose summed `lengths` (real tokens) stay within `max_tokens`, for packed no-grad forwards.
 
     First-fit decreasing over rows sorted by length (longest first): a row goes to the first bin with room, else

@@ -29,9 +29,12 @@ REASONS = {
     "rollout.n_val": "validation samples per prompt: eval_luffy.py --num_samples",
     "trainer.test_freq": "validation every N rollouts: LuffyEvalCallback(every=...) (docs/evaluation.md)",
     "trainer.val_before_train": "validation before training: run eval_luffy.py on the base model",
-    "model.use_remove_padding": "verl's padding-removal kernels; TRL pads each micro-batch (no effect on the loss)",
+    "model.use_remove_padding": "verl's padding removal: here padding_free_batches (default on) cuts each "
+    "micro-batch to its real tokens, and pack_sequences='auto' packs it into one sequence with a flash-attention "
+    "model (docs/batching.md); no effect on the loss",
     "actor.use_dynamic_bsz": "verl's token-budget micro-batches; here gradient_accumulation_steps micro-batches "
-    "(K, which scales the entropy bonus under loss_type luffy; docs/configuration.md)",
+    "(K, which scales the entropy bonus under loss_type luffy; docs/configuration.md) whose rows padding_free_batches "
+    "assigns by length, token-balanced when packed (docs/batching.md)",
     "actor.ppo_max_token_len_per_gpu": "token budget of verl's dynamic micro-batches: see actor.use_dynamic_bsz",
     "actor.ppo_micro_batch_size": "verl's micro-batch size (ignored by verl with use_dynamic_bsz); "
     "per_device_train_batch_size is set to one group instead",

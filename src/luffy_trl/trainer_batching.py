@@ -22,11 +22,16 @@ counters per training generation batch; both branches depend on config and mode 
 
 from __future__ import annotations
 
-import torch
-
 import logging
 
-from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_sequences, plan_micro_batches
+import torch
+
+from luffy_trl.batching import (
+    exchangeable_chunks,
+    pack_forwards,
+    pack_rows,
+    plan_micro_batches,
+)
 from luffy_trl.trainer_generation import IS_OFF_POLICY
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
@@ -221,7 +226,7 @@ class PaddingFreeBatchingMixin:
         budget = batch_size * input_ids.size(1)
         packing = plan["packing"] and rows and self._unpackable(attention_mask, logits_to_keep, rows) is None
         if packing:
-            batches = pack_sequences([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
+            batches = pack_rows([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
         else:
             if plan["packing"] and rows:
                 self._count_packing_fallback(self._unpackable(attention_mask, logits_to_keep, rows))

@@ -51,7 +51,7 @@ trainer_batching.pack_forwards = recording_pack
 # the model directly, so they are counted here; the dummies that equalise the count still go through TRL's method.
 PACK = os.environ.get("LUFFY_TEST_PACK") == "1"
 original_packed = trainer_batching.PaddingFreeBatchingMixin._packed_forward
-original_bins = trainer_batching.pack_sequences
+original_bins = trainer_batching.pack_rows
 
 
 def counting_packed(self, *args, **kwargs):
@@ -67,7 +67,7 @@ def recording_bins(*args, **kwargs):
 
 
 trainer_batching.PaddingFreeBatchingMixin._packed_forward = counting_packed
-trainer_batching.pack_sequences = recording_bins
+trainer_batching.pack_rows = recording_bins
 tokenizer = build_tokenizer()
 # Rank 0: completions as generated (up to 48 tokens); rank 1: most rows cut to 1 token, a few long ones setting its
 # padded width. Rank 1 packs its old-log-prob rows into fewer forwards than rank 0 and must run dummies to match
