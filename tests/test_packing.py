@@ -11,8 +11,9 @@ from batching_cases import (
     make_trainer,
     step_gradients,
 )
-from conftest import tiny_args
+from conftest import SMOLLM_GGUF, math_dataset, requires_smollm, smollm_folder, tiny_args
 
+from luffy_trl import MixedPolicyGRPOTrainer
 from luffy_trl.batching import pack_rows, plan_micro_batches
 from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
 
@@ -208,3 +209,40 @@ def test_auto_packs_only_with_a_varlen_attention_implementation(tokenizer, tmp_p
 def test_pack_sequences_rejects_unknown_values(tmp_path):
     with pytest.raises(ValueError, match="pack_sequences must be one of"):
         tiny_args(tmp_path, pack_sequences="yes")
+
+
+@pytest.mark.slow
+@requires_smollm
+def test_packed_forward_on_a_real_llama_model(smollm_tokenizer, tmp_path):
+    """SmolLM2-135M-Instruct (Llama, rotary positions, GQA) through the trainer: packed log-probs, entropies and
+    gradients equal the padded forward's to float32 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm_folder(), gguf_file=SMOLLM_GGUF)
+    model.hf_quantizer.remove_quantization_config(model)  # dequantised GGUF weights: plain trainable tensors
+    model.model.layers = model.model.layers[:4]  # a slice of the real network keeps the test fast
+    model.config.num_hidden_layers = 4
+    trainer = MixedPolicyGRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        processing_class=smollm_tokenizer,
+        args=tiny_args(tmp_path, per_device_train_batch_size=4, num_generations=4, pack_sequences="always"),
+        train_dataset=math_dataset(),
+    )
+    trainer.model.train()
+    ids, mask, keep = _padded_batch(smollm_tokenizer, [20, 9, 14, 5], [30, 7, 18, 25])
+    results = {}
+    for mode in ("always", "never"):
+        trainer.args.pack_sequences = mode
+        trainer.model.zero_grad()
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep,
+                                                                         compute_entropy=True)
+        (logps * mask[:, -keep:]).sum().backward()
+        results[mode] = (logps.detach(), entropies.detach(),
+                         {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    (lp_on, ent_on, g_on), (lp_off, ent_off, g_off) = results["always"], results["never"]
+    completion = mask[:, -keep:].bool()
+    assert lp_off[completion].abs().mean() > 1.0  # real log-probs, not a degenerate model
+    torch.testing.assert_close(lp_on, lp_off, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent_on, ent_off, rtol=1e-5, atol=1e-4)
+    assert_same_gradients([g_on], [g_off], rtol=1e-4)
+    assert trainer._packing_fallbacks == 0  # the "always" arm really ran packed
