@@ -26,12 +26,7 @@ import logging
 
 import torch
 
-from luffy_trl.batching import (
-    exchangeable_chunks,
-    pack_forwards,
-    pack_rows,
-    plan_micro_batches,
-)
+from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
 from luffy_trl.trainer_generation import IS_OFF_POLICY
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
@@ -123,16 +118,19 @@ class PaddingFreeBatchingMixin:
         return chunk["prompt_ids"].numel() + chunk["completion_ids"].numel()
 
     @staticmethod
-    def _chunk_packed_tokens(chunk) -> int:
-        """Tokens of the chunk's packed loss forward: every row with completion tokens, prompt + completion extent."""
-        extents = _completion_extents(chunk["completion_mask"])
+    def _row_tokens(chunk, mask) -> int:
+        """Prompt + completion tokens up to the last masked-in column, summed over the rows with any."""
+        extents = _completion_extents(mask)
         active = extents > 0
         return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
 
+    def _chunk_packed_tokens(self, chunk) -> int:
+        """Tokens of the chunk's packed loss forward: its rows up to their last attended completion token."""
+        return self._row_tokens(chunk, chunk["completion_mask"])
+
     def _chunk_real_tokens(self, chunk) -> int:
-        extents = _completion_extents(self._loss_mask(chunk))
-        active = extents > 0
-        return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
+        """Real tokens: the rows with loss tokens, up to their last loss token."""
+        return self._row_tokens(chunk, self._loss_mask(chunk))
 
     def _replan_chunks(self, chunks: list[dict], windows: list[list[int]], packed: bool = False) -> list[dict]:
         """New chunks: rows reassigned within each window, rows without loss tokens dropped, columns trimmed."""
@@ -211,7 +209,8 @@ class PaddingFreeBatchingMixin:
                 return packed
         if plan is not None and not torch.is_grad_enabled() and not plan["enabled"]:  # switch off: count only
             plan["tokens"] += input_ids.numel()
-        if plan is None or not plan["enabled"] or torch.is_grad_enabled() or compute_entropy or compute_aux_loss or extra:
+        if (plan is None or not plan["enabled"] or torch.is_grad_enabled() or compute_entropy or compute_aux_loss
+                or extra):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 **kwargs)
@@ -224,12 +223,15 @@ class PaddingFreeBatchingMixin:
         rows = [i for i, c in enumerate(completion_len) if c > 0 and not (is_old and plan["is_off"][i])]
         batch_size = batch_size or input_ids.size(0)
         budget = batch_size * input_ids.size(1)
-        packing = plan["packing"] and rows and self._unpackable(attention_mask, logits_to_keep, rows) is None
+        # Packable or not is this process's own data; it only changes how its forwards look, not their count below.
+        packing = bool(plan["packing"] and rows)
+        if packing:
+            reason = self._unpackable(attention_mask, logits_to_keep, rows)
+            self._count_packing_fallback(reason)
+            packing = reason is None
         if packing:
             batches = pack_rows([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
         else:
-            if plan["packing"] and rows:
-                self._count_packing_fallback(self._unpackable(attention_mask, logits_to_keep, rows))
             batches = pack_forwards(prompt_len, completion_len, rows, budget)
         counts = self.accelerator.gather(torch.tensor([len(batches)], device=input_ids.device))
         num_forwards = int(counts.max())
