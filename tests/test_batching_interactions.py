@@ -15,7 +15,7 @@ from batching_cases import (
 )
 from conftest import attach_fake_vllm_server
 
-from luffy_trl import trainer_generation
+from luffy_trl.trainer import generation as trainer_generation
 
 LENGTHS = [3, 20, 5, 7, 2, 24, 9, 4, 11, 30]  # 24 and 30 reach max_completion_length: truncated rows
 COMMON = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "num_generations": 4,

@@ -93,7 +93,8 @@ def test_bad_teacher_value_is_refused_at_construction(tokenizer, tmp_path):
 
 
 def test_bad_teacher_value_mid_run_is_counted_not_fatal(tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr("luffy_trl.trainer.ROWS_CHECKED_AT_INIT", 0)  # a malformed row beyond the checked head
+    # a malformed row beyond the checked head
+    monkeypatch.setattr("luffy_trl.trainer.mixed_policy.ROWS_CHECKED_AT_INIT", 0)
     dataset = math_dataset().remove_columns("target").add_column("target", [[1, 2]] * 8)
     trainer = make(tokenizer, tiny_args(tmp_path, max_steps=1), dataset=dataset)
     trainer.train()

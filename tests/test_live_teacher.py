@@ -1,5 +1,5 @@
-"""The live teacher during training (luffy_trl.trainer_live): which groups ask, verification, the shared trace cache,
-filled teacher slots in later epochs, metrics, an HTTP teacher against the fake server."""
+"""The live teacher during training (luffy_trl.trainer.live_teacher): which groups ask, verification, the shared trace
+cache, filled teacher slots in later epochs, metrics, an HTTP teacher against the fake server."""
 
 import pathlib
 import re
@@ -19,7 +19,7 @@ from luffy_trl import MixedPolicyGRPOTrainer
 from luffy_trl.evaluation.backends import Generation
 from luffy_trl.traces.fake_server import FakeOpenAIServer
 from luffy_trl.traces.live import groups_needing_trace
-from luffy_trl.trainer_live import LIVE_CACHE_FILE
+from luffy_trl.trainer.live_teacher import LIVE_CACHE_FILE
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
 

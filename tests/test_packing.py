@@ -15,7 +15,7 @@ from conftest import SMOLLM_GGUF, math_dataset, requires_smollm, smollm_folder, 
 
 from luffy_trl import MixedPolicyGRPOTrainer
 from luffy_trl.batching import pack_rows, plan_micro_batches
-from luffy_trl.trainer_batching import PaddingFreeBatchingMixin
+from luffy_trl.trainer.micro_batches import PaddingFreeBatchingMixin
 
 LENGTHS = [3, 20, 5, 7, 2, 24, 9, 4, 11]
 

@@ -1,5 +1,5 @@
 """Resuming inside a generation batch (`steps_per_generation` > GA) on one process: exact with luffy-trl's generation
-state in the checkpoint (`luffy_trl.trainer_checkpoint`); realigned, with a warning, without it. The same under
+state in the checkpoint (`luffy_trl.trainer.checkpoint`); realigned, with a warning, without it. The same under
 DeepSpeed ZeRO-2/ZeRO-3 is in test_deepspeed.py."""
 
 import logging
@@ -66,7 +66,7 @@ def test_resume_restores_the_buffer_only_if_every_process_can(tmp_path, caplog, 
     skip that generation and its collectives (a hang). So the buffer is restored on all processes or on none."""
     from types import SimpleNamespace
 
-    from luffy_trl.trainer_checkpoint import (
+    from luffy_trl.trainer.checkpoint import (
         GENERATION_STATE_FILE,
         GenerationCheckpointMixin,
     )

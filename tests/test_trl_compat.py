@@ -2,7 +2,7 @@
 
 Supported range: trl>=1.16.0,<1.17 (pyproject.toml). When this file fails after a TRL upgrade, re-read
 `GRPOTrainer._generate_single_turn`, `_generate_and_score_completions`, `_calculate_rewards` and `_compute_loss`
-and update `luffy_trl/trainer.py` before widening the range.
+and update `luffy_trl/trainer/` before widening the range.
 """
 
 import inspect
@@ -105,7 +105,7 @@ def test_trl_sampling_metrics_and_rules_we_rely_on():
 
 
 def test_generation_buffer_and_checkpoint_hooks_that_exact_resume_relies_on():
-    """`luffy_trl.trainer_checkpoint` saves `_step` and `_buffered_inputs` in `Trainer._save_checkpoint` and
+    """`luffy_trl.trainer.checkpoint` saves `_step` and `_buffered_inputs` in `Trainer._save_checkpoint` and
     restores them in `_load_optimizer_and_scheduler` (called once on resume, after the Trainer state and, under
     DeepSpeed, the engine checkpoint are loaded)."""
     from transformers import Trainer
@@ -130,7 +130,7 @@ def test_generation_buffer_and_checkpoint_hooks_that_exact_resume_relies_on():
 
 
 def test_padding_free_batches_hooks_still_hold():
-    """`luffy_trl.trainer_batching` wraps `_prepare_inputs` (reassigns `_buffered_inputs` right after TRL fills it)
+    """`luffy_trl.trainer.micro_batches` wraps `_prepare_inputs` (reassigns `_buffered_inputs` right after TRL fills it)
     and `_get_per_token_logps_and_entropies` during `_generate_and_score_completions` (old log-probs first, then
     reference log-probs; the same condition for the old ones; NaN differences give an IS ratio of 1, which teacher
     rows' unset old log-probs rely on). Trimming common left padding is exact for RoPE models only because no

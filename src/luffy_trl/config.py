@@ -359,7 +359,7 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         },
     )
 
-    # ---- a live teacher (luffy_trl.trainer_live; docs/traces.md) ---------------------------------------------------
+    # ---- a live teacher (luffy_trl.trainer.live_teacher; docs/traces.md) -----------------------------------------
     live_teacher_url: str | None = field(
         default=None,
         metadata={

@@ -13,7 +13,7 @@ The trainer (`luffy_trl.trainer`) calls these with plain tensors and numbers; no
 Decisions that need randomness are keyed on `(seed, step, generation index, global group)` through a string-seeded
 `random.Random` (SHA-512 of the key, independent of `PYTHONHASHSEED`), so every process reaches the same decision
 for a group without communicating, and a resumed run repeats the decisions of an uninterrupted one (a checkpoint
-inside a generation batch carries that batch, decisions applied, in `luffy_trl.trainer_checkpoint`'s state; the next
+inside a generation batch carries that batch, decisions applied, in `luffy_trl.trainer.checkpoint`'s state; the next
 batch is generated at the same optimiser step with the same key).
 """
 

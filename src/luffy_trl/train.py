@@ -12,7 +12,7 @@ recipe can be overridden on the command line (`--learning_rate 5e-7`). The argum
 below: `LuffyScriptArguments` (data, rewards, task), `MixedPolicyGRPOConfig` (training, LUFFY) and TRL's
 `ModelConfig` (model, dtype, LoRA/QLoRA). Resume with `--resume_from_checkpoint <dir>` (or `true` for the last
 checkpoint in `output_dir`): TRL's sampler and the Trainer's batch skipping restore the data order, and every
-checkpoint also holds TRL's buffered generation batch and micro-step counter (`luffy_trl.trainer_checkpoint`), so a
+checkpoint also holds TRL's buffered generation batch and micro-step counter (`luffy_trl.trainer.checkpoint`), so a
 checkpoint inside a generation batch (`steps_per_generation` > `gradient_accumulation_steps`) resumes on the same
 rows: no prompt is repeated or skipped and the run continues as the uninterrupted one would (same number of
 processes and geometry; otherwise the current generation batch is generated again, with a warning).

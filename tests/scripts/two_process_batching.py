@@ -22,7 +22,7 @@ from batching_cases import cache_generation, cut_lengths, make_trainer, step_gra
 from conftest import build_tokenizer, shut_down_processes
 from trl import GRPOTrainer
 
-from luffy_trl import trainer_batching
+from luffy_trl.trainer import micro_batches as trainer_batching
 
 out_dir = sys.argv[1]
 forwards = {"count": 0}

@@ -1,7 +1,7 @@
 """Evaluation on LUFFY's benchmarks: avg@k and pass@k, resumable, as a script and as a training callback.
 
 Modules: `metrics` (pure avg@k / pass@k / aggregation), `protocols` (`LUFFY`, `R1`), `backends` (transformers,
-vLLM), `runner` (problems, cache, generation, scoring), `report` (JSON, Markdown, PNG), `callback`
+vLLM), `benchmarks` (LUFFY's benchmark names), `runner` (problems, cache, generation, scoring), `report` (JSON, Markdown, PNG), `callback`
 (`LuffyEvalCallback`), `cli` (`EvalArguments`, `main` of `examples/eval_luffy.py`). Names are imported lazily::
 
     from luffy_trl.evaluation import LUFFY, TransformersBackend, evaluate, load_problems, luffy_benchmark
@@ -20,6 +20,7 @@ _LAZY = {
     "Generation": "backends", "TransformersBackend": "backends", "VLLMBackend": "backends", "load_backend": "backends",
     "BenchmarkSpec": "runner", "Problem": "runner", "luffy_benchmark": "runner", "load_problems": "runner",
     "GenerationCache": "runner", "evaluate": "runner", "run_evaluation": "runner",
+    "LUFFY_MATH_BENCHMARKS": "benchmarks", "LUFFY_OOD_BENCHMARKS": "benchmarks",
     "markdown_table": "report", "write_reports": "report",
     "LuffyEvalCallback": "callback",
     "EvalArguments": "cli",

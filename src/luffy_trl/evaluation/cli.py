@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from luffy_trl.evaluation.backends import load_backend
+from luffy_trl.evaluation.benchmarks import LUFFY_MATH_BENCHMARKS, LUFFY_OOD_BENCHMARKS
 from luffy_trl.evaluation.protocols import get_protocol
 from luffy_trl.evaluation.report import markdown_table
 from luffy_trl.evaluation.runner import (
-    LUFFY_MATH_BENCHMARKS,
-    LUFFY_OOD_BENCHMARKS,
     BenchmarkSpec,
     load_problems,
     luffy_benchmark,

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from luffy_trl.evaluation.runner import LUFFY_MATH_BENCHMARKS, LUFFY_OOD_BENCHMARKS
+from luffy_trl.evaluation.benchmarks import LUFFY_MATH_BENCHMARKS, LUFFY_OOD_BENCHMARKS
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from luffy_trl.evaluation.backends import Generation
+from luffy_trl.evaluation.benchmarks import LUFFY_MATH_BENCHMARKS, LUFFY_OOD_BENCHMARKS  # noqa: F401 (re-exported)
 from luffy_trl.evaluation.metrics import ScoredSample, average_metrics, benchmark_metrics, default_pass_ks
 from luffy_trl.evaluation.protocols import Protocol
+from luffy_trl.evaluation.report import write_reports
 
 logger = logging.getLogger(__name__)
 
-LUFFY_MATH_BENCHMARKS = ("aime", "aime25", "amc", "math", "minerva", "olympiad_bench")
-LUFFY_OOD_BENCHMARKS = ("arc_c", "gpqa", "mmlu_pro")  # multiple choice: the gold is an option letter
 SCORERS = ("math", "choice")
 CACHE_FILE = "generations.jsonl"
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -300,8 +300,6 @@ def run_evaluation(backend, problems: Sequence[Problem], protocol: Protocol, out
     The results hold `model`, `protocol`, `benchmarks`, `averages` and `run` (wall time, samples generated now and
     read from the cache, backend): everything but `run` is the same for a resumed and an uninterrupted run whose
     backend samples each request deterministically."""
-    from luffy_trl.evaluation.report import write_reports
-
     output_dir = Path(output_dir)
     start = time.perf_counter()
     cache = GenerationCache(output_dir / CACHE_FILE, run_hash(model_id or model_name, protocol))

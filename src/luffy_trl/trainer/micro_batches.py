@@ -27,7 +27,7 @@ import logging
 import torch
 
 from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
-from luffy_trl.trainer_generation import IS_OFF_POLICY
+from luffy_trl.trainer.generation import IS_OFF_POLICY
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
 BATCHING_INFO = "_batching"

@@ -36,7 +36,7 @@ from accelerate.utils import broadcast_object_list, gather, gather_object
 
 from luffy_trl.data import _ground_truth
 from luffy_trl.teacher import teacher_texts
-from luffy_trl.trainer_generation import IS_OFF_POLICY, teacher_slot
+from luffy_trl.trainer.generation import IS_OFF_POLICY, teacher_slot
 
 logger = logging.getLogger("luffy_trl.trainer")
 LIVE_CACHE_FILE = "live_teacher_generations.jsonl"

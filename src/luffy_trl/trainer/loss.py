@@ -10,8 +10,8 @@ import torch
 from trl.trainer.utils import nanmax, nanmin
 
 from luffy_trl.losses import SUMMED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
-from luffy_trl.trainer_batching import BATCHING_INFO
-from luffy_trl.trainer_generation import IS_OFF_POLICY, TEACHER_LOGPS
+from luffy_trl.trainer.generation import IS_OFF_POLICY, TEACHER_LOGPS
+from luffy_trl.trainer.micro_batches import BATCHING_INFO
 
 
 class MixedLossMixin:
