@@ -55,10 +55,7 @@ def test_plain_grpo_config_is_rejected(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"loss_type": "sapo"}, "loss_type='sapo'"),
-        ({"loss_type": "cispo"}, "loss_type='cispo'"),
-        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
-        ({"use_adaptive_entropy": True}, "use_adaptive_entropy=True"),
+        ({"loss_type": "gspo"}, "loss_type='gspo'"),
         ({"remove_unused_columns": True}, "remove_unused_columns=True: it drops the teacher column 'target'"),
     ],
 )

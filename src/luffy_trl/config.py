@@ -399,9 +399,11 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     loss_type: str = field(
         default=_default("loss_type"),
         metadata=_inherited_help(
-            "loss_type", "Loss normaliser: 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'luffy' (LUFFY's exact scale: "
-            "Σℓ/max_completion_length per micro-batch and the entropy bonus per micro-batch, neither divided by "
-            "rows nor by gradient accumulation; the paper recipes use it). Others are rejected."
+            "loss_type", "On-policy objective and normaliser: TRL's 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', "
+            "'sapo', 'vespo', 'luspo', or 'luffy' (LUFFY's exact scale: Σℓ/max_completion_length per micro-batch and "
+            "the entropy bonus per micro-batch, neither divided by rows nor by gradient accumulation; the paper "
+            "recipes use it). Teacher rows get the shaped term −A·f(p) with the same normaliser whatever the type "
+            "(docs/method.md, 'Every on-policy objective'); on_policy_clip and delta apply to the PPO family only."
         ),
     )
     scale_rewards: str = field(
@@ -462,6 +464,14 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         if self.on_policy_shaping not in ON_POLICY_SHAPINGS:
             raise ValueError(
                 f"on_policy_shaping must be one of {list(ON_POLICY_SHAPINGS)}, got {self.on_policy_shaping!r}."
+            )
+        if self.on_policy_shaping != "none" and self.loss_type in ("cispo", "sapo", "vespo"):
+            raise ValueError(
+                f"on_policy_shaping={self.on_policy_shaping!r} reshapes the PPO ratio of −A·r (LUFFY's "
+                f"on_policy_reshape); loss_type={self.loss_type!r} has no such term (cispo and vespo weight log p "
+                "by a detached, truncated or gamma-shaped ratio; sapo gates the ratio with a sigmoid), so the "
+                "reshape has no defined meaning there. Use on_policy_shaping='none' with this loss type, or a "
+                "PPO-family loss type (grpo, bnpo, dr_grpo, dapo, luspo, luffy) for the reshape."
             )
         if self.on_policy_shaping == "luffy" and not self.on_policy_shaping_gamma > 0:
             raise ValueError(f"on_policy_shaping_gamma must be > 0, got {self.on_policy_shaping_gamma!r}.")

@@ -1,0 +1,141 @@
+"""Every TRL 1.16 GRPO option under `MixedPolicyGRPOTrainer`: at `num_off_policy=0` the same training as stock
+`GRPOTrainer` (every loss type, GSPO, adaptive entropy, `evaluate()` before training with each eval-dataset shape),
+and with teacher rows a real training run for every on-policy objective (docs/configuration.md has the table)."""
+
+import logging
+
+import pytest
+import torch
+from conftest import build_model, contains_answer_reward, math_dataset, tiny_args
+from datasets import IterableDataset
+from trl import GRPOConfig, GRPOTrainer
+
+from luffy_trl import MixedPolicyGRPOTrainer
+
+
+def varied_reward(completions, **kwargs):
+    """A reward with variance on random models: depends on the completion length."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(len(t) % 3) / 2 for t in texts]
+
+
+COMMON = dict(
+    use_cpu=True, bf16=False, gradient_checkpointing=False, per_device_train_batch_size=8, num_generations=4,
+    max_completion_length=12, max_steps=3, learning_rate=1e-2, report_to="none", save_strategy="no",
+    logging_steps=1, seed=0, disable_tqdm=True, loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.0,
+    weight_decay=0.0, lr_scheduler_type="constant", epsilon_high=0.28, gradient_accumulation_steps=2,
+    steps_per_generation=4,  # two optimiser steps per generation batch: the ratio leaves 1, clipping matters
+)
+# option name -> GRPOConfig overrides; every one is an option this trainer refused at num_off_policy=0 before.
+OPTIONS = {
+    "cispo": dict(loss_type="cispo", epsilon_high=1.05),
+    "sapo": dict(loss_type="sapo"),
+    "vespo": dict(loss_type="vespo"),
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence"),
+    "gspo_dapo": dict(loss_type="dapo", importance_sampling_level="sequence"),
+    "adaptive_entropy": dict(loss_type="grpo", use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=100.0),
+}
+
+
+def run_pair(tmp_path, tokenizer, overrides, **trainer_kwargs):
+    """Stock GRPOTrainer and MixedPolicyGRPOTrainer (num_off_policy=0, on_policy_clip=True), same config, trained."""
+    common = {**COMMON, **overrides}
+    stock = GRPOTrainer(model=build_model(tokenizer), reward_funcs=varied_reward,
+                        args=GRPOConfig(output_dir=str(tmp_path / "stock"), **common), train_dataset=math_dataset(),
+                        processing_class=tokenizer, **trainer_kwargs)
+    stock.train()
+    ours = MixedPolicyGRPOTrainer(model=build_model(tokenizer), reward_funcs=varied_reward,
+                                  args=tiny_args(tmp_path / "ours", num_off_policy=0, on_policy_clip=True,
+                                                 padding_free_batches=False, **common),
+                                  train_dataset=math_dataset(), processing_class=tokenizer, **trainer_kwargs)
+    ours.train()
+    return stock, ours
+
+
+def assert_same_training(stock, ours):
+    stock_logs = [h for h in stock.state.log_history if "loss" in h]
+    our_logs = [h for h in ours.state.log_history if "loss" in h]
+    assert len(our_logs) == len(stock_logs) == 3
+    for s, o in zip(stock_logs, our_logs):
+        for key, value in s.items():
+            if key in ("loss", "entropy", "entropy_coef", "cispo_clip_ratio", "vespo/phi_seq_mean") or key.startswith(
+                    "clip_ratio"):
+                assert key in o, key
+                assert o[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    moved = 0.0
+    for (name, p_stock), (_, p_ours) in zip(stock.model.named_parameters(), ours.model.named_parameters()):
+        torch.testing.assert_close(p_ours, p_stock, rtol=1e-5, atol=1e-6, msg=name)
+    for p_start, p_end in zip(build_model(stock.processing_class).parameters(), stock.model.parameters()):
+        moved = max(moved, (p_end - p_start).abs().max().item())
+    assert moved > 1e-3  # training changed the parameters: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_at_num_off_policy_zero_trains_like_stock_grpo(tokenizer, tmp_path, option):
+    stock, ours = run_pair(tmp_path, tokenizer, OPTIONS[option])
+    assert_same_training(stock, ours)
+    if option == "adaptive_entropy":
+        assert ours.entropy_coef == pytest.approx(stock.entropy_coef) and ours.entropy_coef > 0.01
+
+
+def test_trls_gspo_warning_with_token_summed_losses_is_kept(tokenizer, tmp_path, caplog):
+    """TRL warns that a token-summed loss with sequence-level ratios weights sequences by length; the trainer lets
+    TRL's own construction say it (it used to refuse before TRL could)."""
+    with caplog.at_level(logging.WARNING):
+        MixedPolicyGRPOTrainer(model=build_model(tokenizer), reward_funcs=varied_reward,
+                               args=tiny_args(tmp_path, num_off_policy=0, loss_type="dapo",
+                                              importance_sampling_level="sequence"),
+                               train_dataset=math_dataset(), processing_class=tokenizer)
+    assert "sums per-token contributions" in caplog.text
+
+
+def _iterable(dataset):
+    return IterableDataset.from_generator(lambda: iter(dataset))
+
+
+EVAL_SHAPES = {
+    "dataset": lambda: math_dataset(4),
+    "dict": lambda: {"a": math_dataset(4), "b": math_dataset(4)},
+    "iterable": lambda: _iterable(math_dataset(4)),
+}
+
+
+@pytest.mark.parametrize("shape", list(EVAL_SHAPES))
+@pytest.mark.parametrize("num_off_policy", [0, 1])
+def test_evaluate_before_training_for_every_eval_dataset_shape(tokenizer, tmp_path, shape, num_off_policy):
+    """`evaluate()` before the first training step (transformers sets `current_gradient_accumulation_steps` only in
+    the training loop), for a Dataset, a dict of Datasets and an IterableDataset; the loss equals stock TRL's at
+    num_off_policy=0 (the same model and completions: evaluation generates with the seed set)."""
+    kwargs = dict(per_device_eval_batch_size=8, dataloader_drop_last=False, loss_type="grpo")
+    if shape == "iterable":
+        kwargs["accelerator_config"] = {"dispatch_batches": False}
+    ours = MixedPolicyGRPOTrainer(model=build_model(tokenizer), reward_funcs=contains_answer_reward,
+                                  args=tiny_args(tmp_path / "ours", num_off_policy=num_off_policy,
+                                                 on_policy_clip=True, **{**COMMON, **kwargs}),
+                                  train_dataset=math_dataset(), eval_dataset=EVAL_SHAPES[shape](),
+                                  processing_class=tokenizer)
+    torch.manual_seed(0)
+    metrics = ours.evaluate()
+    names = ["eval_a_loss", "eval_b_loss"] if shape == "dict" else ["eval_loss"]
+    assert all(name in metrics for name in names), metrics
+    if num_off_policy:
+        return
+    stock = GRPOTrainer(model=build_model(tokenizer), reward_funcs=contains_answer_reward,
+                        args=GRPOConfig(output_dir=str(tmp_path / "stock"), **{**COMMON, **kwargs}),
+                        train_dataset=math_dataset(), eval_dataset=EVAL_SHAPES[shape](), processing_class=tokenizer)
+    torch.manual_seed(0)
+    expected = stock.evaluate()
+    for name in names:
+        assert metrics[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-7), name
+
+
+def test_eval_on_start(tokenizer, tmp_path):
+    trainer = MixedPolicyGRPOTrainer(model=build_model(tokenizer), reward_funcs=contains_answer_reward,
+                                     args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, eval_on_start=True,
+                                                    per_device_eval_batch_size=8, max_steps=1),
+                                     train_dataset=math_dataset(), eval_dataset=math_dataset(4),
+                                     processing_class=tokenizer)
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert evals and evals[0]["step"] == 0
