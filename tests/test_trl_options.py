@@ -3,6 +3,7 @@
 and with teacher rows a real training run for every on-policy objective (docs/configuration.md has the table)."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -139,3 +140,43 @@ def test_eval_on_start(tokenizer, tmp_path):
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert evals and evals[0]["step"] == 0
+
+
+@pytest.mark.parametrize("option", ["cispo", "sapo", "vespo", "luspo", "gspo"])
+def test_padding_free_micro_batches_keep_every_objectives_gradient(tokenizer, tmp_path, option):
+    """With teacher rows, rows reassigned between micro-batches (`padding_free_batches`) give every optimiser step
+    the gradient of TRL's layout, for every on-policy objective: the normalisers of sapo and luspo use TRL's nominal
+    rows, those of cispo and vespo are global, the sequence-level terms are per row. (An entropy bonus, static or
+    adaptive, is a token mean over the optimiser step under the switch: docs/batching.md, "Normalisers".)"""
+    from batching_cases import assert_same_gradients, cache_generation, cut_lengths, make_trainer, step_gradients
+
+    kwargs = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4,
+                  num_generations=4, max_completion_length=24, entropy_coef=0.0, off_policy_trigger="all_fail",
+                  on_policy_clip=True)
+    kwargs.update(OPTIONS[option])
+    trainer = make_trainer(tokenizer, tmp_path, **kwargs)
+    cut_lengths(trainer, [3, 20, 5, 7, 2, 24, 9, 4, 11])
+    cache_generation(trainer)
+    on, chunks = step_gradients(trainer, True)
+    off, _ = step_gradients(trainer, False)
+    assert len({c["completion_ids"].size(0) for c in chunks}) > 1  # rows did move
+    assert_same_gradients(on, off)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_with_teacher_rows_trains(tokenizer, tmp_path, option):
+    """`num_off_policy=1` with every on-policy objective: a real run whose groups hold a teacher row; every parameter
+    moves, the losses are finite and the teacher rows take part (their metrics are logged)."""
+    model = build_model(tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = {**COMMON, **OPTIONS[option], "max_steps": 2, "max_completion_length": 40}
+    trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=contains_answer_reward,
+                                     args=tiny_args(tmp_path, num_off_policy=1, on_policy_clip=True, **args),
+                                     train_dataset=math_dataset(), processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
+    assert logs[0]["off_policy/fraction_of_rows"] == 0.25  # logged once per generation batch
+    assert all(h["off_policy/prob_mean"] > 0 for h in logs)
+    unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged
