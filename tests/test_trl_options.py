@@ -203,3 +203,25 @@ def test_option_with_teacher_rows_trains(tokenizer, tmp_path, option):
     assert all(h["off_policy/prob_mean"] > 0 for h in logs)
     unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged
+
+
+def test_configuration_doc_lists_every_trl_grpo_option():
+    """docs/configuration.md gives the status with teacher rows of every field TRL's GRPOConfig adds, and of the
+    GRPOTrainer arguments that change generation."""
+    import dataclasses
+    import inspect
+    import pathlib
+
+    from transformers import TrainingArguments
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    section = doc[doc.index("## TRL's GRPO options with teacher rows"):doc.index("## How teacher rows interact")]
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    fields = [f.name for f in dataclasses.fields(GRPOConfig) if f.name not in base]
+    arguments = [a for a in inspect.signature(GRPOTrainer.__init__).parameters if a not in ("self", "model", "args",
+                                                                                          "train_dataset",
+                                                                                          "eval_dataset",
+                                                                                          "processing_class")]
+    missing = [name for name in fields + arguments + ["remove_unused_columns"] if f"`{name}`" not in section
+               and f"`{name}=`" not in section]
+    assert not missing, missing
