@@ -120,8 +120,13 @@ class TeacherTokenizer:
         max_completion_length: int | None,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
+        render=None,
     ):
         self.tokenizer = tokenizer
+        # Vision-language models: `render(messages, add_generation_prompt)` renders a conversation as TRL does for
+        # the processor (its prompt ids hold the image tokens the processor expanded, so the joint tokenization is
+        # checked against the rendered prompt's own tokens instead).
+        self.render = render
         self.eos_token_ids = list(eos_token_ids)
         self.max_completion_length = max_completion_length
         self.chat_template = chat_template
@@ -130,6 +135,8 @@ class TeacherTokenizer:
 
     # -- chat-template helpers ----------------------------------------------------------------------------------
     def render_prompt(self, prompt: list[dict]) -> str:
+        if self.render is not None:
+            return self.render(prompt, True)
         return self.tokenizer.apply_chat_template(
             prompt,
             chat_template=self.chat_template,
@@ -149,12 +156,13 @@ class TeacherTokenizer:
             eot_id = self.tokenizer.eos_token_id
             sentinel = "LUFFYSENTINEL"
             try:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                    chat_template=self.chat_template,
-                    tokenize=False,
-                    **self.chat_template_kwargs,
-                )
+                conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+                if self.render is not None:
+                    text = self.render(conversation, False)
+                else:
+                    text = self.tokenizer.apply_chat_template(
+                        conversation, chat_template=self.chat_template, tokenize=False, **self.chat_template_kwargs,
+                    )
                 tail_ids = self.tokenizer(text.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
                 eot_id = next((t for t in tail_ids if t in self.eos_token_ids), eot_id)
             except Exception:  # no chat template, or one that rejects this conversation: keep EOS
@@ -182,6 +190,8 @@ class TeacherTokenizer:
                     text = text[len(opener) :]
                     break
             joint = self.tokenizer(prompt_text + text + eot_text, add_special_tokens=False)["input_ids"]
+            if self.render is not None:  # a VLM: prompt ids with expanded image tokens; the text's own tokens instead
+                prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         else:
             eot_id = self.tokenizer.eos_token_id
             joint = self.tokenizer(prompt + text)["input_ids"] + [eot_id]

@@ -108,10 +108,6 @@ class MixedPolicyGRPOTrainer(
         live_teacher = kwargs.pop("live_teacher", None)  # luffy_trl.trainer.live_teacher
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          **kwargs)
-        if self._is_vlm and args.num_off_policy > 0:
-            raise ValueError(
-                "MixedPolicyGRPOTrainer does not support vision-language processors with num_off_policy > 0 yet."
-            )
         self.num_off_policy = args.num_off_policy
         # TRL masks truncated completions before scoring; a truncated teacher trace must still be trained on, so
         # luffy-trl applies `mask_truncated_completions` itself, to on-policy rows only.
@@ -123,6 +119,7 @@ class MixedPolicyGRPOTrainer(
             self.max_completion_length,
             chat_template=self.chat_template,
             chat_template_kwargs=self.chat_template_kwargs,
+            render=self._render_vlm_conversation if self._is_vlm else None,
         )
         self._invalid_teacher_warnings = 0
         self._warned_full_generation = False
@@ -135,6 +132,21 @@ class MixedPolicyGRPOTrainer(
         self._guidance = None  # the trigger's decisions for the current generation batch (global tensors)
         self._generation_key = (-1, -1)  # (global step, index of the generation batch within that step)
         self._setup_live_teacher(live_teacher)
+
+    def _render_vlm_conversation(self, messages, add_generation_prompt: bool) -> str:
+        """A conversation rendered as TRL 1.16's `_tokenize_prompts` renders a VLM prompt (content blocks, the
+        processor's chat template), as text (the template alone: the processor would also want the images); the
+        teacher text of a multimodal prompt is tokenized after it."""
+        template = self.chat_template or getattr(self.processing_class, "chat_template", None)
+        # TRL's `prepare_multimodal_messages` without the images: string contents become text blocks. Image
+        # placeholders sit inside the prompt, before the generation prompt, so they do not change the tokens that
+        # follow it (the teacher's); the prompt's own ids hold them expanded.
+        blocks = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
+                  else m for m in messages]
+        return self._tokenizer.apply_chat_template(
+            blocks, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False,
+            **self.chat_template_kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction-time checks
