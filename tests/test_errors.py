@@ -64,19 +64,6 @@ def test_unsupported_options_are_refused_at_construction(tokenizer, tmp_path, ov
         make(tokenizer, tiny_args(tmp_path, **overrides))
 
 
-def test_tools_with_teacher_rows_are_refused(tokenizer, tmp_path):
-    def calculator(expression: str) -> str:
-        """Evaluate an arithmetic expression.
-
-        Args:
-            expression: the expression.
-        """
-        return expression
-
-    with pytest.raises(ValueError, match="tools with num_off_policy > 0"):
-        make(tokenizer, tiny_args(tmp_path), tools=[calculator])
-
-
 def test_reserved_is_off_policy_column(tokenizer, tmp_path):
     dataset = math_dataset().add_column("is_off_policy", [False] * 8)
     with pytest.raises(ValueError, match="column named 'is_off_policy'"):
