@@ -191,7 +191,9 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         default="target",
         metadata={
             "help": "Dataset column with the teacher completion: a string, a list of {'role': 'assistant', "
-            "'content': ...} messages (LUFFY's format) or a list of several strings."
+            "'content': ...} messages (LUFFY's format) or a list of several strings; with tools=, a tool-calling "
+            "conversation (assistant turns with 'tool_calls' and {'role': 'tool', ...} results, ending with an "
+            "answer) or a list of them."
         },
     )
     policy_shaping_gamma: float = field(
@@ -421,6 +423,15 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     lr_scheduler_type: str = field(
         default=_default("lr_scheduler_type"),
         metadata=_inherited_help("lr_scheduler_type", "Learning-rate schedule."),
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's option: exclude truncated completions (no end-of-sequence token) from the loss. "
+            "With teacher rows it applies to sampled rows only: a truncated teacher trace is still trained on, so a "
+            "batch whose sampled rows are all truncated still trains on its teacher rows (TRL alone would train on "
+            "nothing)."
+        },
     )
     max_completion_length: int | None = field(
         default=_default("max_completion_length"),
