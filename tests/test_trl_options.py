@@ -75,6 +75,9 @@ def run_pair(tmp_path, tokenizer, overrides, **trainer_kwargs):
     return stock, ours
 
 
+COMPARED_METRICS = ("loss", "entropy", "entropy_coef", "cispo_clip_ratio", "vespo/phi_seq_mean", "kl", "policy_loss")
+
+
 def assert_same_training(stock, ours, skip_metrics=()):
     stock_logs = [h for h in stock.state.log_history if "loss" in h]
     our_logs = [h for h in ours.state.log_history if "loss" in h]
@@ -83,8 +86,7 @@ def assert_same_training(stock, ours, skip_metrics=()):
         for key, value in s.items():
             if key.startswith(skip_metrics) and key != "loss":
                 continue
-            if key in ("loss", "entropy", "entropy_coef", "cispo_clip_ratio", "vespo/phi_seq_mean", "kl") or (
-                    key.startswith("clip_ratio")):
+            if key in COMPARED_METRICS or key.startswith("clip_ratio"):
                 assert key in o, key
                 assert o[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     moved = 0.0
