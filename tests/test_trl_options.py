@@ -188,21 +188,40 @@ def test_padding_free_micro_batches_keep_every_objectives_gradient(tokenizer, tm
     assert_same_gradients(on, off)
 
 
-@pytest.mark.parametrize("option", list(OPTIONS))
+# More TRL options, run with teacher rows only (at num_off_policy=0 the issue's TRL test run covers them).
+OPTIONS_WITH_TEACHER = {
+    "generation_and_template_kwargs": dict(generation_kwargs={"top_k": 5}, chat_template_kwargs={"unused": True},
+                                           top_p=0.9, repetition_penalty=1.1),
+    "cast_lm_head_to_fp32": dict(cast_lm_head_to_fp32=True),
+    "num_generations_eval": dict(num_generations_eval=2, eval_strategy="steps", eval_steps=1,
+                                 per_device_eval_batch_size=4),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS) + list(OPTIONS_KEPT) + list(OPTIONS_WITH_TEACHER))
 def test_option_with_teacher_rows_trains(tokenizer, tmp_path, option):
-    """`num_off_policy=1` with every on-policy objective: a real run whose groups hold a teacher row; every parameter
-    moves, the losses are finite and the teacher rows take part (their metrics are logged)."""
+    """`num_off_policy=1` with every on-policy objective and the other TRL options: a real run whose groups hold a
+    teacher row; every parameter moves, the losses are finite and the teacher rows take part (their metrics are
+    logged)."""
+    options = {**OPTIONS, **OPTIONS_KEPT, **OPTIONS_WITH_TEACHER}[option]
+    path = tmp_path / "model"  # with beta > 0 TRL loads the reference model from the model's name
+    build_model(tokenizer).save_pretrained(path)
     model = build_model(tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = {**COMMON, **OPTIONS[option], "max_steps": 2, "max_completion_length": 40}
-    trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=contains_answer_reward,
-                                     args=tiny_args(tmp_path, num_off_policy=1, on_policy_clip=True, **args),
-                                     train_dataset=math_dataset(), processing_class=tokenizer)
+    args = {**COMMON, "max_completion_length": 40, **options, "max_steps": 2}
+    model = str(path)
+    trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=[contains_answer_reward, varied_reward],
+                                     args=tiny_args(tmp_path, num_off_policy=1, on_policy_clip=True,
+                                                    reward_weights=[1.0, 0.5], **args),
+                                     train_dataset=math_dataset(), processing_class=tokenizer,
+                                     eval_dataset=math_dataset(4) if "eval_strategy" in options else None)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(math.isfinite(h["loss"]) for h in logs)
     assert logs[0]["off_policy/fraction_of_rows"] == 0.25  # logged once per generation batch
     assert all(h["off_policy/prob_mean"] > 0 for h in logs)
+    if "eval_strategy" in options:
+        assert any("eval_loss" in h for h in trainer.state.log_history)
     unchanged = [n for n, p in trainer.model.named_parameters() if torch.equal(p, before[n])]
     assert not unchanged
 
