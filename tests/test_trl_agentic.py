@@ -93,6 +93,7 @@ FEATURES = {
 REFUSED = ["environment_factory", "rollout_func"]
 
 
+@pytest.mark.slow  # about 7 s each for tools and environment_factory: Qwen3's tool system prompt is long
 @pytest.mark.parametrize("feature", list(FEATURES))
 def test_agentic_feature_at_num_off_policy_zero_trains_like_stock(tmp_path, feature):
     tok = tool_tokenizer()
