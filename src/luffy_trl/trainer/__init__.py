@@ -34,7 +34,8 @@ The class is assembled in `mixed_policy.py` from one mixin per module; each wrap
 - `live_teacher`: `LiveTeacherMixin`. Overrides `_generate_and_score_completions`: an optional live teacher that
   fills trace-less teacher slots.
 
-The pure layer they call holds no trainer state: `luffy_trl.losses`, `luffy_trl.batching`, `luffy_trl.guidance`,
+The pure layer they call holds no trainer state: `luffy_trl.losses` (with TRL's on-policy objectives in
+`luffy_trl.objectives`), `luffy_trl.batching`, `luffy_trl.guidance`,
 `luffy_trl.teacher`, `luffy_trl.config`.
 Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
 
