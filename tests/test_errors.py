@@ -55,29 +55,13 @@ def test_plain_grpo_config_is_rejected(tokenizer, tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"loss_type": "sapo"}, "loss_type='sapo'"),
-        ({"loss_type": "cispo"}, "loss_type='cispo'"),
-        ({"importance_sampling_level": "sequence"}, "importance_sampling_level='sequence'"),
-        ({"use_adaptive_entropy": True}, "use_adaptive_entropy=True"),
+        ({"loss_type": "gspo"}, "loss_type='gspo'"),
         ({"remove_unused_columns": True}, "remove_unused_columns=True: it drops the teacher column 'target'"),
     ],
 )
 def test_unsupported_options_are_refused_at_construction(tokenizer, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make(tokenizer, tiny_args(tmp_path, **overrides))
-
-
-def test_tools_with_teacher_rows_are_refused(tokenizer, tmp_path):
-    def calculator(expression: str) -> str:
-        """Evaluate an arithmetic expression.
-
-        Args:
-            expression: the expression.
-        """
-        return expression
-
-    with pytest.raises(ValueError, match="tools with num_off_policy > 0"):
-        make(tokenizer, tiny_args(tmp_path), tools=[calculator])
 
 
 def test_reserved_is_off_policy_column(tokenizer, tmp_path):

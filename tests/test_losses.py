@@ -152,6 +152,6 @@ def test_shaping_weight_table_from_the_paper():
 
 def test_unknown_loss_type_and_shaping_are_rejected():
     with pytest.raises(ValueError, match="loss_type"):
-        aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "sapo")
+        aggregate_loss(torch.zeros(1, 1), torch.ones(1, 1), "gspo")
     with pytest.raises(ValueError, match="shaping"):
         shaping_function(torch.zeros(1), "sqrt")

@@ -247,3 +247,134 @@ def test_bias_correction_kl_uses_trls_uncapped_ratio(tokenizer, tmp_path):
     assert our_kl == pytest.approx(trainer._metrics["train"]["kl"][-1], rel=1e-6)
     for name in stock_grads:
         torch.testing.assert_close(our_grads[name], stock_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+TRL_LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"]
+
+
+def _stock_comparison(trainer, inputs):
+    """Loss, gradients and metrics of `_compute_loss`, then of stock `GRPOTrainer._compute_loss`, on `inputs`."""
+    model = trainer.model
+    ours = trainer._compute_loss(model, inputs)
+    our_grads = grads_of(model, ours)
+    our_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    stock = GRPOTrainer._compute_loss(trainer, model, {k: v for k, v in inputs.items() if k != "is_off_policy"})
+    stock_grads = grads_of(model, stock)
+    stock_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trainer._metrics["train"].clear()
+    return (ours, our_grads, our_metrics), (stock, stock_grads, stock_metrics)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
+def test_every_trl_loss_type_and_level_equals_stock_without_teacher_rows(tokenizer, tmp_path, loss_type, level):
+    """No teacher row, clip on ⇒ the same loss, gradients and metrics as `GRPOTrainer._compute_loss`, for every TRL
+    loss type at token and sequence level (GSPO), with KL (bias-corrected), the entropy bonus and OPSM on."""
+    trainer = make_trainer(tokenizer, tmp_path, loss_type=loss_type, on_policy_clip=True, epsilon_high=0.28,
+                           importance_sampling_level=level, entropy_coef=0.01, use_bias_correction_kl=True)
+    trainer.beta = 0.04
+    trainer.off_policy_mask_threshold = 0.05
+    inputs = make_inputs(len(tokenizer), off=(False,) * B)
+    with torch.no_grad():
+        old, _ = independent_logps(trainer.model, inputs)
+    g = torch.Generator().manual_seed(5)
+    inputs["old_per_token_logps"] = old + 0.3 * torch.randn(old.shape, generator=g)
+    inputs["ref_per_token_logps"] = old + 0.1 * torch.randn(old.shape, generator=g)
+
+    (ours, our_grads, our_metrics), (stock, stock_grads, stock_metrics) = _stock_comparison(trainer, inputs)
+    assert ours.item() == pytest.approx(stock.item(), rel=1e-6, abs=1e-8)
+    for name in stock_grads:
+        torch.testing.assert_close(our_grads[name], stock_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+    assert set(stock_metrics) <= set(our_metrics)
+    for key, value in stock_metrics.items():
+        assert our_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_adaptive_entropy_equals_stock_without_teacher_rows(tokenizer, tmp_path, loss_type):
+    """`use_adaptive_entropy`: the gate, the window statistics and the coefficient update match TRL's controller over
+    two optimiser steps of two micro-batches each."""
+    from accelerate.state import GradientState
+
+    kwargs = dict(loss_type=loss_type, on_policy_clip=True, use_adaptive_entropy=True, entropy_coef=0.05,
+                  entropy_target=100.0, entropy_coef_delta=0.01, gradient_accumulation_steps=2)
+    ours_trainer = make_trainer(tokenizer, tmp_path / "ours", **kwargs)
+    stock_trainer = make_trainer(tokenizer, tmp_path / "stock", **kwargs)
+    state = GradientState()
+    values = {"ours": [], "stock": []}
+    for step in range(4):
+        inputs = make_inputs(len(tokenizer), seed=step, off=(False,) * B)
+        state._set_sync_gradients(step % 2 == 1)
+        for name, trainer, fn in (("ours", ours_trainer, ours_trainer._compute_loss),
+                                  ("stock", stock_trainer,
+                                   lambda m, x, t=stock_trainer: GRPOTrainer._compute_loss(t, m, x))):
+            loss = fn(trainer.model, {k: v for k, v in inputs.items() if name == "ours" or k != "is_off_policy"})
+            values[name].append((loss.item(), trainer.entropy_coef, trainer._last_world_entropy))
+    state._set_sync_gradients(True)
+    for (lo, co, eo), (ls, cs, es) in zip(values["ours"], values["stock"]):
+        assert lo == pytest.approx(ls, rel=1e-6, abs=1e-8)
+        assert co == pytest.approx(cs) and eo == pytest.approx(es, rel=1e-6)
+    assert [v[1] for v in values["ours"]] == pytest.approx([0.05, 0.06, 0.06, 0.07])  # +delta at each boundary
+    assert values["ours"][0][2] == float("inf") and values["ours"][1][2] < 100.0  # no measurement before the first
+
+
+def _independent_on_policy(loss_type, logps, old, a, mask, level, eps_low=0.2, eps_high=0.28):
+    """Each TRL loss type's on-policy per-token loss, written out from the papers' formulas (not from TRL's code)."""
+    d = logps - old
+    if level == "sequence":
+        d = ((d * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True))
+    r = d.exp()
+    if loss_type == "cispo":
+        return -torch.clamp(r, max=eps_high).detach() * a * logps
+    if loss_type == "sapo":
+        tau = torch.where(a > 0, 1.0, 1.05)
+        return -(4 / tau) * torch.sigmoid(tau * (r - 1)) * a
+    if loss_type == "vespo":
+        log_w = ((logps - old).detach() * mask).sum(1, keepdim=True)
+        w = log_w.exp()
+        k, lam = torch.where(a >= 0, 2.0, 3.0), torch.where(a >= 0, 3.0, 2.0)
+        phi = torch.exp(torch.tensor(1.0)) ** lam * w**k * torch.exp(-lam * w)  # e^λ w^k e^(−λw)
+        return -phi * a * logps
+    return -torch.min(r * a, torch.clamp(r, 1 - eps_low, 1 + eps_high) * a)  # PPO family
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo", "luspo", "grpo"])
+def test_teacher_rows_with_every_on_policy_objective(tokenizer, tmp_path, loss_type, level):
+    """Teacher rows + any TRL objective: on-policy rows get the type's term, teacher rows −A·f(p) (token level) or
+    −A·f(p̄) with p̄ the row's geometric-mean probability (sequence level), with the type's normaliser."""
+    gamma = 0.1
+    trainer = make_trainer(tokenizer, tmp_path, loss_type=loss_type, on_policy_clip=True, epsilon_high=0.28,
+                           importance_sampling_level=level, entropy_coef=0.0, policy_shaping_gamma=gamma)
+    model = trainer.model
+    inputs = make_inputs(len(tokenizer))
+    with torch.no_grad():
+        old, _ = independent_logps(model, inputs)
+    inputs["old_per_token_logps"] = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+    got = trainer._compute_loss(model, inputs)
+    got_grads = grads_of(model, got)
+
+    logps, _ = independent_logps(model, inputs)
+    mask = inputs["completion_mask"].float()
+    a = inputs["advantages"].view(-1, 1)
+    off = inputs["is_off_policy"].view(-1, 1)
+    old_used = torch.where(off, logps.detach(), inputs["old_per_token_logps"])
+    on = _independent_on_policy(loss_type, logps, old_used, a, mask, level)
+    if level == "sequence":
+        p = torch.exp((logps * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True))
+    else:
+        p = logps.exp()
+    token = torch.where(off, -a * p / (p + gamma), on) * mask
+    if loss_type in ("grpo", "sapo"):
+        expected = (token.sum(1) / mask.sum(1)).mean()
+    elif loss_type == "luspo":
+        expected = token.sum(1).mean()
+    else:  # cispo, vespo: TRL's global token normaliser (one process, GA = steps_per_generation)
+        expected = token.sum() / mask.sum()
+    expected_grads = grads_of(model, expected)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    for name in got_grads:
+        torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    if loss_type == "vespo":
+        assert trainer._metrics["train"]["vespo/phi_seq_mean"][-1] != pytest.approx(1.0)  # the weight acted

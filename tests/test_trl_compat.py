@@ -26,6 +26,11 @@ EXPECTED_SIGNATURES = {
     "get_high_entropy_mask": ["self", "entropies", "mask", "threshold"],
     "get_off_policy_mask": ["advantages", "per_token_logps", "sampling_per_token_logps", "mask",
                             "off_policy_threshold"],
+    "_tool_call_loop": ["self", "prompts", "prompt_ids", "completion_ids", "completions", "logprobs", "images",
+                        "multimodal_fields"],
+    "_get_tool_suffix_ids": ["self", "tool_messages"],
+    "get_gamma_weights": ["advantages", "log_ratio_per_token", "mask", "importance_sampling_ratio", "k_pos",
+                          "lambda_pos", "k_neg", "lambda_neg"],
 }
 LOGPS_KEYWORDS = {"model", "input_ids", "attention_mask", "logits_to_keep", "compute_entropy", "compute_aux_loss",
                   "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
@@ -159,3 +164,36 @@ def test_padding_free_batches_hooks_still_hold():
     logps = inspect.getsource(GRPOTrainer._get_per_token_logps_and_entropies)
     assert not re.search(r"(?<!image_)position_ids", logps)
     assert "position_ids = torch.arange(inputs_embeds.shape[1]" in inspect.getsource(qwen2.Qwen2Model.forward)
+
+
+def test_tool_loop_contract_teacher_trajectories_rely_on():
+    """`TeacherGenerationMixin._tool_call_loop` blanks teacher rows' parsed completions so that TRL's loop skips them
+    (it selects rows by `completion[0].get("tool_calls")`), then overwrites their tool mask and messages in the
+    7-tuple TRL returns; a teacher trajectory's tool results are TRL's `_get_tool_suffix_ids` (prompt + completion +
+    suffix concatenation, never re-tokenized)."""
+    source = inspect.getsource(GRPOTrainer._tool_call_loop)
+    for fragment in ['tool_calls = [completion[0].get("tool_calls") for completion in completions]',
+                     "tool_mask = [[1] * len(ids) for ids in completion_ids]",
+                     "suffix_ids = self._get_tool_suffix_ids(tool_messages)",
+                     "prompt_ids[idx_with_tool] + completion_ids[idx_with_tool] + suffix_ids",
+                     "return tool_mask, completions, completion_ids, logprobs, tool_call_count, tool_failure_count, "
+                     "tool_images"]:
+        assert fragment in source, fragment
+    generate = inspect.getsource(GRPOTrainer._generate)
+    assert generate.index("self._generate_single_turn(") < generate.index("self._tool_call_loop(")
+
+
+def test_mixed_loss_mirrors_every_trl_loss_type():
+    """`luffy_trl.objectives` re-implements each of these branches of TRL's `_compute_loss`; a new loss type or a
+    changed formula must be mirrored (tests/test_trainer_loss.py compares values)."""
+    from luffy_trl.losses import SUPPORTED_LOSS_TYPES
+
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    for fragment in ['self.loss_type == "cispo"', 'self.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]',
+                     'self.loss_type == "sapo"', 'self.loss_type == "vespo"',
+                     "torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures",
+                     "torch.clamp(coef_1, max=self.epsilon_high).detach()", "(per_token_loss * mask).sum(-1).mean()",
+                     'self.importance_sampling_level == "sequence"',
+                     'if self.use_adaptive_entropy and mode == "train":']:
+        assert fragment in source, fragment
+    assert set(re.findall(r'"(\w+)"', source.split("Unknown loss type")[0])) >= set(SUPPORTED_LOSS_TYPES) - {"luffy"}

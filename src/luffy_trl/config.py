@@ -191,7 +191,9 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         default="target",
         metadata={
             "help": "Dataset column with the teacher completion: a string, a list of {'role': 'assistant', "
-            "'content': ...} messages (LUFFY's format) or a list of several strings."
+            "'content': ...} messages (LUFFY's format) or a list of several strings; with tools=, a tool-calling "
+            "conversation (assistant turns with 'tool_calls' and {'role': 'tool', ...} results, ending with an "
+            "answer) or a list of them."
         },
     )
     policy_shaping_gamma: float = field(
@@ -399,9 +401,11 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     loss_type: str = field(
         default=_default("loss_type"),
         metadata=_inherited_help(
-            "loss_type", "Loss normaliser: 'grpo', 'bnpo', 'dr_grpo', 'dapo' or 'luffy' (LUFFY's exact scale: "
-            "Σℓ/max_completion_length per micro-batch and the entropy bonus per micro-batch, neither divided by "
-            "rows nor by gradient accumulation; the paper recipes use it). Others are rejected."
+            "loss_type", "On-policy objective and normaliser: TRL's 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', "
+            "'sapo', 'vespo', 'luspo', or 'luffy' (LUFFY's exact scale: Σℓ/max_completion_length per micro-batch and "
+            "the entropy bonus per micro-batch, neither divided by rows nor by gradient accumulation; the paper "
+            "recipes use it). Teacher rows get the shaped term −A·f(p) with the same normaliser whatever the type "
+            "(docs/method.md, 'Every on-policy objective'); on_policy_clip and delta apply to the PPO family only."
         ),
     )
     scale_rewards: str = field(
@@ -419,6 +423,15 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     lr_scheduler_type: str = field(
         default=_default("lr_scheduler_type"),
         metadata=_inherited_help("lr_scheduler_type", "Learning-rate schedule."),
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's option: exclude truncated completions (no end-of-sequence token) from the loss. "
+            "With teacher rows it applies to sampled rows only: a truncated teacher trace is still trained on, so a "
+            "batch whose sampled rows are all truncated still trains on its teacher rows (TRL alone would train on "
+            "nothing)."
+        },
     )
     max_completion_length: int | None = field(
         default=_default("max_completion_length"),
@@ -462,6 +475,14 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         if self.on_policy_shaping not in ON_POLICY_SHAPINGS:
             raise ValueError(
                 f"on_policy_shaping must be one of {list(ON_POLICY_SHAPINGS)}, got {self.on_policy_shaping!r}."
+            )
+        if self.on_policy_shaping != "none" and self.loss_type in ("cispo", "sapo", "vespo"):
+            raise ValueError(
+                f"on_policy_shaping={self.on_policy_shaping!r} reshapes the PPO ratio of −A·r (LUFFY's "
+                f"on_policy_reshape); loss_type={self.loss_type!r} has no such term (cispo and vespo weight log p "
+                "by a detached, truncated or gamma-shaped ratio; sapo gates the ratio with a sigmoid), so the "
+                "reshape has no defined meaning there. Use on_policy_shaping='none' with this loss type, or a "
+                "PPO-family loss type (grpo, bnpo, dr_grpo, dapo, luspo, luffy) for the reshape."
             )
         if self.on_policy_shaping == "luffy" and not self.on_policy_shaping_gamma > 0:
             raise ValueError(f"on_policy_shaping_gamma must be > 0, got {self.on_policy_shaping_gamma!r}.")

@@ -16,11 +16,65 @@ from dataclasses import dataclass
 THINK_OPENERS = ("<think>\n", "<think>")
 
 
+@dataclass(frozen=True)
+class TeacherTrajectory:
+    """A teacher trace that is a tool-calling conversation: assistant turns (with `tool_calls`) and tool results.
+
+    `messages` follow the prompt: assistant and tool messages in TRL's format (`{"role": "assistant", "content": ...,
+    "tool_calls": [{"type": "function", "function": {"name": ..., "arguments": {...}}}]}`, `{"role": "tool", "name":
+    ..., "content": ...}`), ending with an assistant turn without tool calls.
+    """
+
+    messages: tuple
+
+    @property
+    def text(self) -> str:
+        """The assistant turns' text (for lengths and logs)."""
+        return "".join(str(m.get("content") or "") for m in self.messages if m.get("role") == "assistant")
+
+
+def _is_trajectory(value) -> bool:
+    """A list of message dicts with a tool result or a tool call: one conversation, not several one-turn traces."""
+    return (isinstance(value, (list, tuple)) and bool(value) and all(isinstance(m, dict) for m in value)
+            and any(m.get("role") == "tool" or m.get("tool_calls") for m in value))
+
+
+def _without_none(message: dict) -> dict:
+    """A message without the None fields a datasets (Arrow) column adds to unify message structs."""
+    message = {k: v for k, v in message.items() if v is not None}
+    if message.get("tool_calls"):
+        calls = []
+        for call in message["tool_calls"]:
+            call = {k: v for k, v in call.items() if v is not None}
+            function = dict(call.get("function") or {})
+            if isinstance(function.get("arguments"), dict):
+                function["arguments"] = {k: v for k, v in function["arguments"].items() if v is not None}
+            calls.append({**call, "function": function})
+        message["tool_calls"] = calls
+    return message
+
+
+def _trajectory(value, column: str, row: int | None) -> TeacherTrajectory:
+    messages = tuple(_without_none(m) for m in value)
+    roles = [m.get("role") for m in messages]
+    where = f" (row {row})" if row is not None else ""
+    if set(roles) - {"assistant", "tool"} or roles[0] != "assistant" or roles[-1] != "assistant" or messages[-1].get(
+            "tool_calls"):
+        raise TypeError(
+            f"Column {column!r}{where} holds a tool-calling trajectory that is not assistant turns and tool results "
+            "ending with an assistant answer without tool calls (roles: " + ", ".join(map(str, roles)) + "). Fix "
+            "the dataset."
+        )
+    return TeacherTrajectory(messages)
+
+
 def teacher_texts(value, *, column: str = "target", row: int | None = None) -> list[str]:
     """Normalise one value of the teacher column into a list of non-empty completion texts.
 
     Accepted: a string; LUFFY's list of `{"role": "assistant", "content": ...}` messages (one trace per message);
-    a list of strings; `None` or empty (→ `[]`, the row keeps a full on-policy group). Anything else raises a
+    a list of strings; a tool-calling conversation (assistant turns with `tool_calls` and `tool` results, ending
+    with an answer: one `TeacherTrajectory`) or a list of them; `None` or empty (→ `[]`, the row keeps a full
+    on-policy group). Anything else raises a
     `TypeError` naming the column and the row.
     """
     return [text for _, text in teacher_traces(value, column=column, row=row)]
@@ -35,6 +89,12 @@ def teacher_traces(value, *, column: str = "target", row: int | None = None) -> 
     """
     if value is None:
         return []
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if _is_trajectory(value):  # one tool-calling conversation
+        return [(0, _trajectory(value, column, row))]
+    if isinstance(value, (list, tuple)) and value and all(_is_trajectory(v) for v in value):  # several
+        return [(i, _trajectory(v, column, row)) for i, v in enumerate(value)]
     if isinstance(value, str):
         return [(0, value)] if value.strip() else []
     if isinstance(value, dict):
@@ -120,8 +180,13 @@ class TeacherTokenizer:
         max_completion_length: int | None,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
+        render=None,
     ):
         self.tokenizer = tokenizer
+        # Vision-language models: `render(messages, add_generation_prompt)` renders a conversation as TRL does for
+        # the processor (its prompt ids hold the image tokens the processor expanded, so the joint tokenization is
+        # checked against the rendered prompt's own tokens instead).
+        self.render = render
         self.eos_token_ids = list(eos_token_ids)
         self.max_completion_length = max_completion_length
         self.chat_template = chat_template
@@ -130,6 +195,8 @@ class TeacherTokenizer:
 
     # -- chat-template helpers ----------------------------------------------------------------------------------
     def render_prompt(self, prompt: list[dict]) -> str:
+        if self.render is not None:
+            return self.render(prompt, True)
         return self.tokenizer.apply_chat_template(
             prompt,
             chat_template=self.chat_template,
@@ -149,12 +216,13 @@ class TeacherTokenizer:
             eot_id = self.tokenizer.eos_token_id
             sentinel = "LUFFYSENTINEL"
             try:
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                    chat_template=self.chat_template,
-                    tokenize=False,
-                    **self.chat_template_kwargs,
-                )
+                conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+                if self.render is not None:
+                    text = self.render(conversation, False)
+                else:
+                    text = self.tokenizer.apply_chat_template(
+                        conversation, chat_template=self.chat_template, tokenize=False, **self.chat_template_kwargs,
+                    )
                 tail_ids = self.tokenizer(text.split(sentinel, 1)[1], add_special_tokens=False)["input_ids"]
                 eot_id = next((t for t in tail_ids if t in self.eos_token_ids), eot_id)
             except Exception:  # no chat template, or one that rejects this conversation: keep EOS
@@ -163,6 +231,50 @@ class TeacherTokenizer:
         return self._end_of_turn
 
     # -- encoding -----------------------------------------------------------------------------------------------
+    def _turn_ids(self, message: dict) -> list[int]:
+        """One assistant turn as the policy generates it: the template's rendering of the message as the latest turn
+        of a conversation, after the generation prompt, up to and including its end-of-turn token."""
+        dummy = [{"role": "user", "content": "dummy"}]
+        if self.render is not None:
+            prefix, full = self.render(dummy, True), self.render(dummy + [message], False)
+        else:
+            kwargs = dict(chat_template=self.chat_template, tokenize=False, **self.chat_template_kwargs)
+            prefix = self.tokenizer.apply_chat_template(dummy, add_generation_prompt=True, **kwargs)
+            full = self.tokenizer.apply_chat_template(dummy + [message], **kwargs)
+        prefix_ids = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        full_ids = self.tokenizer(full, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prefix_ids)] != prefix_ids:
+            raise ValueError("The chat template renders an assistant turn that does not extend the generation prompt.")
+        ids = full_ids[len(prefix_ids):]
+        eot_id, _ = self.end_of_turn
+        ends = [k for k, t in enumerate(ids) if t == eot_id]
+        return ids[: ends[-1] + 1] if ends else ids + [eot_id]
+
+    def encode_trajectory(self, trajectory: TeacherTrajectory, tool_suffix_ids) -> tuple[EncodedTeacher, list[int]]:
+        """Token ids and tool mask of a tool-calling teacher trajectory, concatenated as TRL 1.16's tool loop
+        concatenates a sampled multi-turn rollout: each assistant turn as generated (`_turn_ids`, mask 1), then the
+        turn's tool results as `tool_suffix_ids(tool_messages)` renders them (TRL's `_get_tool_suffix_ids`: the tool
+        messages and the next generation prompt, mask 0). Cut to `max_completion_length` like a sampled rollout."""
+        ids, mask, tools = [], [], []
+        for message in trajectory.messages + ({"role": "assistant"},):  # a sentinel flushes the last tool results
+            if message.get("role") == "tool":
+                tools.append(message)
+                continue
+            if tools:
+                suffix = list(tool_suffix_ids(tools))
+                ids += suffix
+                mask += [0] * len(suffix)
+                tools = []
+            if "content" in message or message.get("tool_calls"):
+                turn = self._turn_ids(message)
+                ids += turn
+                mask += [1] * len(turn)
+        num_tokens = len(ids)
+        truncated = self.max_completion_length is not None and num_tokens > self.max_completion_length
+        if truncated:
+            ids, mask = ids[: self.max_completion_length], mask[: self.max_completion_length]
+        return EncodedTeacher(ids=ids, truncated=truncated, used_fallback=False, num_tokens=num_tokens), mask
+
     def encode(self, prompt, prompt_ids: Sequence[int], text: str) -> EncodedTeacher:
         """Token ids of `text` as the completion of `prompt` (already tokenized as `prompt_ids` by TRL).
 
@@ -182,6 +294,8 @@ class TeacherTokenizer:
                     text = text[len(opener) :]
                     break
             joint = self.tokenizer(prompt_text + text + eot_text, add_special_tokens=False)["input_ids"]
+            if self.render is not None:  # a VLM: prompt ids with expanded image tokens; the text's own tokens instead
+                prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         else:
             eot_id = self.tokenizer.eos_token_id
             joint = self.tokenizer(prompt + text)["input_ids"] + [eot_id]

@@ -21,8 +21,9 @@ The class is assembled in `mixed_policy.py` from one mixin per module; each wrap
 
 - `mixed_policy`: the class itself. Overrides `__init__` and `_calculate_rewards`: construction checks, the
   trigger's decisions (`luffy_trl.guidance`) and the batch metrics (steps 1 and 3).
-- `generation`: `TeacherGenerationMixin`. Overrides `_generate_and_score_completions` and `_generate_single_turn`:
-  teacher slots, generation of the on-policy rows only (steps 1-2).
+- `generation`: `TeacherGenerationMixin`. Overrides `_generate_and_score_completions`, `_generate_single_turn` and
+  `_tool_call_loop`: teacher slots, generation of the on-policy rows only, teacher rows kept out of TRL's tool loop
+  (a tool-calling teacher trajectory brings its own tool mask) (steps 1-2).
 - `loss`: `MixedLossMixin`. Overrides `_compute_loss` (re-implemented; `tests/test_trainer_loss.py` checks it against
   stock TRL): the mixed-policy loss and its metrics (step 4).
 - `micro_batches`: `PaddingFreeBatchingMixin`. Overrides `_prepare_inputs`, `_generate_and_score_completions` and
@@ -33,7 +34,8 @@ The class is assembled in `mixed_policy.py` from one mixin per module; each wrap
 - `live_teacher`: `LiveTeacherMixin`. Overrides `_generate_and_score_completions`: an optional live teacher that
   fills trace-less teacher slots.
 
-The pure layer they call holds no trainer state: `luffy_trl.losses`, `luffy_trl.batching`, `luffy_trl.guidance`,
+The pure layer they call holds no trainer state: `luffy_trl.losses` (with TRL's on-policy objectives in
+`luffy_trl.objectives`), `luffy_trl.batching`, `luffy_trl.guidance`,
 `luffy_trl.teacher`, `luffy_trl.config`.
 Built against TRL 1.16; `tests/test_trl_compat.py` fails loudly if the wrapped private methods change.
 
@@ -56,7 +58,8 @@ this process's own rows (whether it holds a teacher row, a trace, a failed group
 - `_log_on_policy_sampling_metrics`: one `gather`, every generation batch with vLLM's importance-sampling correction
   on (config).
 - `_compute_loss`: `gather` of the policy loss when the entropy bonus is on, of the aux loss when enabled (config);
-  `_log_loss_metrics`: one `reduce` and one `gather`, every call.
+  with `use_adaptive_entropy`, one `reduce` of the window's entropy statistics at every optimiser-step boundary in
+  training (config, mode, step); `_log_loss_metrics`: one `reduce` and one `gather`, every call.
 - `LiveTeacherMixin` (`luffy_trl.trainer.live_teacher`): one `broadcast_object_list`, one `gather_object` and one
   `gather`
   per training generation batch while the live teacher is on (config).

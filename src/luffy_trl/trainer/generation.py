@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import gather_object
 
 from luffy_trl.guidance import align_teacher_logprobs, group_gets_teacher, keyed_rng, schedule_value, trace_order
-from luffy_trl.teacher import teacher_logprobs, teacher_traces
+from luffy_trl.teacher import TeacherTrajectory, teacher_logprobs, teacher_traces
 
 IS_OFF_POLICY = "is_off_policy"
 TEACHER_LOGPS = "teacher_per_token_logps"
@@ -100,13 +100,21 @@ class TeacherGenerationMixin:
                 if self._invalid_teacher_warnings < 5:
                     self._invalid_teacher_warnings += 1
                     logger.warning("%s The slot is sampled from the policy instead (off_policy/invalid).", err)
+            if traces and not self.tools and any(isinstance(t, TeacherTrajectory) for _, t in traces):
+                traces = None  # a tool-calling trajectory needs tools= (checked at construction on the first rows)
+                invalid += 1
+                if self._invalid_teacher_warnings < 5:
+                    self._invalid_teacher_warnings += 1
+                    logger.warning("Row %d of %r is a tool-calling trajectory but the trainer has no tools; the slot "
+                                   "is sampled from the policy instead (off_policy/invalid).", i, column)
             if not traces:  # no usable trace: the slot is sampled from the policy like the others
                 plan.append(None)
                 missing += traces is not None
                 continue
             lengths = rng = None
             if args.off_policy_trace_selection == "shortest" and len(traces) > 1:
-                lengths = [len(self._tokenizer(text, add_special_tokens=False)["input_ids"]) for _, text in traces]
+                lengths = [len(self._tokenizer(getattr(text, "text", text), add_special_tokens=False)["input_ids"])
+                           for _, text in traces]
             elif args.off_policy_trace_selection == "random" and len(traces) > 1:
                 rng = keyed_rng("trace", args.seed, step, generation, group)
             order = trace_order(len(traces), args.off_policy_trace_selection, lengths=lengths, rng=rng)
@@ -139,6 +147,7 @@ class TeacherGenerationMixin:
         if mode == "train" and self.num_off_policy > 0:
             self._teacher_plan = list(zip([row["prompt"] for row in inputs], plan, self._teacher_logprobs_plan))
         self._teacher_logps_rows = {}
+        self._teacher_rows = {}  # local row -> None (a teacher text) or (tool mask, messages) of a trajectory
         self._guidance = None
 
         output = super()._generate_and_score_completions(inputs)
@@ -199,8 +208,17 @@ class TeacherGenerationMixin:
         stats = self._teacher_stats
         teacher_ids = {}
         use_logprobs = self.args.off_policy_logprobs_column is not None
+        self._teacher_rows = {}
         for i, (prompt, text, logprobs) in enumerate(plan):
+            if isinstance(text, TeacherTrajectory):  # tools= only (checked at construction and when planning)
+                encoded, tool_mask = self.teacher_tokenizer.encode_trajectory(text, self._get_tool_suffix_ids)
+                teacher_ids[i] = encoded.ids
+                self._teacher_rows[i] = (tool_mask, list(text.messages))
+                stats["truncated"] += encoded.truncated
+                stats["logprobs_fallback"] += use_logprobs  # per-token teacher log-probs of a conversation: unused
+                continue
             if text is not None:
+                self._teacher_rows[i] = None
                 encoded = self.teacher_tokenizer.encode(prompt, prompt_ids[i], text)
                 teacher_ids[i] = encoded.ids
                 stats["truncated"] += encoded.truncated
@@ -241,6 +259,28 @@ class TeacherGenerationMixin:
             if logprobs is not None:
                 logprobs[i] = [None] * len(ids)  # unknown sampling log-prob -> NaN -> vLLM IS ratio exactly 1
         return completion_ids, logprobs
+
+    def _tool_call_loop(self, prompts, prompt_ids, completion_ids, completions, logprobs, images, multimodal_fields):
+        """TRL's tool loop over the sampled rows only: teacher rows never execute tools nor get policy turns.
+
+        A teacher row enters TRL's loop as an answer without tool calls (so the loop leaves it alone); afterwards it
+        gets its own tool mask (a trajectory's tool results 0, as TRL masks a sampled rollout's) and, for reward
+        functions, its messages (a trajectory's assistant turns and tool results, like a sampled rollout's).
+        """
+        teacher = self._teacher_rows or {}
+        saved = {i: completions[i] for i in teacher}
+        for i in teacher:
+            completions[i] = [{"role": "assistant", "content": ""}]
+        out = super()._tool_call_loop(prompts, prompt_ids, completion_ids, completions, logprobs, images,
+                                      multimodal_fields)
+        tool_mask, completions = out[0], out[1]
+        for i, trajectory in teacher.items():
+            if trajectory is None:  # a one-turn teacher text
+                completions[i] = saved[i]
+                tool_mask[i] = [1] * len(out[2][i])
+            else:
+                tool_mask[i], completions[i] = list(trajectory[0]), trajectory[1]
+        return out
 
     def _subset_generations_per_prompt(self, images, multimodal_fields, teacher_rows, num_rows: int,
                                        num_generations: int) -> int | None:

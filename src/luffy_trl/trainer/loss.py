@@ -1,7 +1,8 @@
 """The mixed-policy loss wiring: one forward pass, the pure `luffy_trl.losses` functions, TRL's normalisers.
 
 `MixedLossMixin` is one of the pieces of `MixedPolicyGRPOTrainer` (`luffy_trl.trainer`); it replaces TRL's
-`_compute_loss` (a re-implementation, not a copy; `tests/test_trainer_loss.py` checks it against stock TRL).
+`_compute_loss` (a re-implementation, not a copy; `tests/test_trainer_loss.py` checks it against stock TRL for every
+loss type, both importance-sampling levels and the adaptive entropy bonus).
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ import torch
 from trl.trainer.utils import nanmax, nanmin
 
 from luffy_trl.losses import SUMMED_LOSS_TYPES, aggregate_loss, mixed_policy_per_token_loss, sft_nll_loss
+from luffy_trl.objectives import PPO_LOSS_TYPES
 from luffy_trl.trainer.generation import IS_OFF_POLICY, TEACHER_LOGPS
 from luffy_trl.trainer.micro_batches import BATCHING_INFO
+
+# Loss types whose logged `policy_loss` TRL takes before dividing by gradient accumulation.
+GA_DIVIDED_LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "luspo")
 
 
 class MixedLossMixin:
@@ -20,12 +25,16 @@ class MixedLossMixin:
     def _compute_loss(self, model, inputs):
         """One forward pass, LUFFY's per-token loss (`luffy_trl.losses`), TRL's normalisers and extra terms.
 
-        Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for the token-level loss types it supports
-        (grpo, bnpo, dr_grpo, dapo; plus luffy-trl's `luffy`, LUFFY's exact scale): same forward call, KL, entropy
-        bonus, entropy mask, off-policy sequence mask (OPSM), vLLM importance-sampling ratio and metrics; teacher rows
-        get the shaped objective and are exempt from clipping, OPSM, the entropy mask and the vLLM IS ratio.
+        Mirrors the structure of TRL 1.16's `GRPOTrainer._compute_loss` for every loss type (grpo, bnpo, dr_grpo,
+        dapo, cispo, sapo, vespo, luspo; plus luffy-trl's `luffy`, LUFFY's exact scale) at token or sequence level
+        (GSPO): same forward call, KL, entropy bonus (static or adaptive), entropy mask, off-policy sequence mask
+        (OPSM), vLLM importance-sampling ratio and metrics; teacher rows get the shaped objective and are exempt from
+        clipping, OPSM, the entropy mask and the vLLM IS ratio.
         """
         mode = "train" if self.model.training else "eval"
+        # Transformers sets `current_gradient_accumulation_steps` inside the training loop only (evaluate() before
+        # the first step has none); outside training nothing accumulates.
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -77,8 +86,8 @@ class MixedLossMixin:
                 off_policy_threshold=self.off_policy_mask_threshold,
             )
             weights = weights * torch.where(off_rows, torch.ones_like(opsm), opsm)
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            is_ratio = inputs["importance_sampling_ratio"]
+        if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":
+            is_ratio = inputs["importance_sampling_ratio"]  # vespo folds it into its sequence weight (as TRL)
             weights = weights * torch.where(off_rows, torch.ones_like(is_ratio), is_ratio)
 
         # Guidance strength: a loss-weight schedule multiplies the off-policy term (1.0, i.e. untouched, by default).
@@ -110,6 +119,14 @@ class MixedLossMixin:
             on_policy_gamma=self.args.on_policy_shaping_gamma,
             on_policy_weight=self.args.on_policy_shaping_weight,
             on_policy_exponent=self.args.on_policy_shaping_exponent,
+            loss_type=self.loss_type,
+            importance_sampling_level=self.importance_sampling_level,
+            mask=mask,
+            sapo_temperature_pos=self.args.sapo_temperature_pos,
+            sapo_temperature_neg=self.args.sapo_temperature_neg,
+            vespo_params=(self.args.vespo_k_pos, self.args.vespo_lambda_pos, self.args.vespo_k_neg,
+                          self.args.vespo_lambda_neg),
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio") if self.loss_type == "vespo" else None,
         )
         per_token_loss = losses.per_token_loss * weights
         # "RL w/ SFT loss": the policy-gradient term covers on-policy tokens only; teacher tokens get the NLL below.
@@ -139,14 +156,14 @@ class MixedLossMixin:
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs["num_items_in_batch"],
             num_processes=self.accelerator.num_processes,
-            gradient_accumulation_steps=self.current_gradient_accumulation_steps,
+            gradient_accumulation_steps=ga,
             steps_per_generation=self.args.steps_per_generation,
             training=mode == "train",
             nominal_rows=nominal_rows,
             bnpo_tokens=bnpo_tokens,
         )
-        policy_loss = loss.detach()
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        policy_loss = loss.detach() * ga if self.loss_type in GA_DIVIDED_LOSS_TYPES else loss.detach()
+        accumulation = ga
         if self.loss_type in SUMMED_LOSS_TYPES:  # LUFFY sums micro-batch losses: Σ_k (pg_k − coef·H̄_k)
             accumulation = 1.0
         if self._entropy_bonus_enabled:
@@ -157,8 +174,13 @@ class MixedLossMixin:
             if batching is not None and entropy_mask is None:
                 tokens = torch.as_tensor(batching["tokens"], dtype=entropies.dtype)
             entropy = (entropies * effective_mask).sum() / tokens.clamp(min=1.0)
-            loss = loss - self.entropy_coef * entropy / accumulation
+            coef = self.entropy_coef
+            if self.use_adaptive_entropy:  # the gate from the end of the previous optimiser step (TRL's)
+                coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+            loss = loss - coef * entropy / accumulation
             self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+            if self.use_adaptive_entropy and mode == "train":
+                self._update_adaptive_entropy(entropies, effective_mask)
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         sft_nll = None
@@ -175,6 +197,31 @@ class MixedLossMixin:
                                per_token_kl if self.beta != 0.0 else None, sft_nll is not None)
         return loss
 
+    def _update_adaptive_entropy(self, entropies, effective_mask) -> None:
+        """TRL 1.16's adaptive entropy controller (`use_adaptive_entropy`), from `GRPOTrainer._compute_loss`.
+
+        The entropy sum and token count of every micro-batch of the accumulation window are accumulated; at the
+        optimiser-step boundary they are reduced over processes, and `entropy_coef` moves by `entropy_coef_delta`
+        towards more bonus when the window's token-mean entropy is at or below `entropy_target` (less above it),
+        within [`entropy_coef_min`, `entropy_coef_max`]; the next window applies the bonus only when that entropy
+        was at or below the target. Sums and counts: independent of how rows are assigned to micro-batches. The
+        collective (a reduce) runs at every boundary, on every process (config, mode and step only).
+        """
+        stats = torch.stack([(entropies * effective_mask).sum(), effective_mask.sum()]).detach()
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if not self.accelerator.sync_gradients:
+            return
+        totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+        world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+        args = self.args
+        if world_entropy <= args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+        self._last_world_entropy = world_entropy
+        self._entropy_window_stats = None
+
     def _log_loss_metrics(self, mode, mask, off_rows, per_token_logps, entropies, losses, per_token_kl,
                           sft=False) -> None:
         """Token means over all processes, gathered in one all-reduce and one device-to-host copy.
@@ -186,13 +233,21 @@ class MixedLossMixin:
         on_mask = mask * (~off_rows)
         off_mask = mask * off_rows
         low, high = losses.is_low_clipped.float(), losses.is_high_clipped.float()
+        # Per-row clip indicators (sequence level) are averaged over on-policy rows, as TRL averages them over rows.
+        clip_mask = (~off_rows).to(mask.dtype) if low.size(1) == 1 else on_mask
         terms = {}  # metric -> (per-token values, mask); teacher tokens are never clipped
         if per_token_kl is not None:
             terms["kl"] = (per_token_kl, mask)
         terms["entropy"] = (entropies, mask)
-        terms["clip_ratio/low_mean"] = (low, on_mask)
-        terms["clip_ratio/high_mean"] = (high, on_mask)
-        terms["clip_ratio/region_mean"] = (torch.maximum(low, high), on_mask)
+        ppo = self.loss_type in PPO_LOSS_TYPES
+        if ppo:
+            terms["clip_ratio/low_mean"] = (low, clip_mask)
+            terms["clip_ratio/high_mean"] = (high, clip_mask)
+            terms["clip_ratio/region_mean"] = (torch.maximum(low, high), clip_mask)
+        elif self.loss_type == "cispo":
+            terms["cispo_clip_ratio"] = (high, clip_mask)
+        elif self.loss_type == "vespo":
+            terms["vespo/phi_seq_mean"] = (losses.vespo_weight, (~off_rows).to(mask.dtype))
         if self.num_off_policy > 0 and mode == "train":
             terms["off_policy/prob_mean"] = (per_token_logps.detach().exp(), off_mask)
             if sft:
@@ -213,12 +268,13 @@ class MixedLossMixin:
         # would pull the average down, and padding-free batches group the teacher rows into a few micro-batches.
         means = torch.where(sums[n:] > 0, sums[:n] / sums[n:].clamp(min=1.0), float("nan")).tolist()
         # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
-        seq = torch.stack([(low * on_mask).sum(1), (high * on_mask).sum(1)]) / on_mask.sum(1)
+        seq = torch.stack([(low * clip_mask).sum(1), (high * clip_mask).sum(1)]) / clip_mask.sum(1)
         # Reduced locally first: padding-free micro-batches hold different row counts on different processes.
         local = torch.stack([nanmin(seq[0]), nanmax(seq[1])]).view(1, 2)
         seq = self.accelerator.gather(local)  # gather concatenates along rows
         extremes = torch.stack([nanmin(seq[:, 0]), nanmax(seq[:, 1])]).tolist()
         for name, value in zip(terms, means):
             metrics[name].append(value)
-        metrics["clip_ratio/low_min"].append(extremes[0])
-        metrics["clip_ratio/high_max"].append(extremes[1])
+        if ppo:
+            metrics["clip_ratio/low_min"].append(extremes[0])
+            metrics["clip_ratio/high_max"].append(extremes[1])
