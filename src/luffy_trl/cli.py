@@ -4,6 +4,7 @@
     luffy-trl recipes --path zero3            # the path of one (for accelerate's --config_file)
     luffy-trl train --config demo_cpu [--max_steps 10 ...]
     accelerate launch --config_file $(luffy-trl recipes --path zero3) -m luffy_trl.cli train --config qwen2.5-math-7b
+    luffy-trl eval --model_name_or_path out/ --benchmarks math --max_problems_per_benchmark 50
     luffy-trl convert train.sh [-o recipe.yaml]   # a LUFFY / verl launch script -> a recipe (docs/migrating.md)
 """
 
@@ -16,6 +17,8 @@ USAGE = """usage: luffy-trl <command> [args]
 commands:
   train     train with a recipe: luffy-trl train --config <recipe name or file> [--field value ...]
   recipes   list the packaged recipes and accelerate configs; --path NAME prints one's path
+  eval      evaluate a model or LoRA adapter: luffy-trl eval --model_name_or_path <id|folder|pkg:...>
+            [--adapter_path DIR] [--benchmarks math aime | name=problems.jsonl] [--num_samples 4] (docs/evaluation.md)
   convert   turn a LUFFY / verl launch script (or a file of key=value Hydra overrides) into a recipe YAML
 """
 
@@ -47,6 +50,20 @@ def recipes(argv: list[str]) -> int:
     return 0
 
 
+def evaluate(argv: list[str]) -> int:
+    """`luffy-trl eval`: `luffy_trl.evaluation.cli` (a model or adapter on LUFFY's benchmarks or any problem file)."""
+    from luffy_trl.evaluation.cli import EvalArguments, main
+    from luffy_trl.train import LuffyParser, UsageError
+
+    try:
+        (args,) = LuffyParser((EvalArguments,), prog="luffy-trl eval").parse_args_and_config(argv)
+        main(args)
+    except (UsageError, FileNotFoundError, ValueError) as err:
+        print(f"luffy-trl eval: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -54,10 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from luffy_trl.train import run
+        from luffy_trl.train import UsageError, run
 
-        run(rest)
+        try:
+            run(rest)
+        except UsageError as err:
+            print(f"luffy-trl train: {err}", file=sys.stderr)
+            return 2
         return 0
+    if command == "eval":
+        return evaluate(rest)
     if command == "recipes":
         return recipes(rest)
     if command == "convert":

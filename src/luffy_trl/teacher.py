@@ -37,6 +37,7 @@ def teacher_traces(value, *, column: str = "target", row: int | None = None) -> 
         return []
     if isinstance(value, str):
         return [(0, value)] if value.strip() else []
+    original = value
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, Sequence) or hasattr(value, "tolist"):
@@ -56,10 +57,13 @@ def teacher_traces(value, *, column: str = "target", row: int | None = None) -> 
         else:
             return traces
     where = f" (row {row})" if row is not None else ""
+    kind = type(original).__name__
+    if isinstance(original, dict) and "content" not in original:
+        kind = f"dict without a 'content' key (keys: {sorted(map(str, original))})"
     raise TypeError(
-        f"Column {column!r}{where} holds a {type(value).__name__} that is not a teacher completion: expected a "
+        f"Column {column!r}{where} holds a {kind} that is not a teacher completion: expected a "
         "string, a list of {'role': 'assistant', 'content': str} messages (LUFFY's format) or a list of strings. "
-        f"Got: {str(value)[:120]!r}. Fix the dataset or set off_policy_column to the right column."
+        f"Got: {str(original)[:120]!r}. Fix the dataset or set off_policy_column to the right column."
     )
 
 

@@ -120,6 +120,9 @@ def output_paths(output: Path) -> tuple[Path, Path]:
 
 def main(args: TraceArguments):
     """Generate, verify and write the traces; returns (dataset, summary)."""
+    from luffy_trl.threads import configure_cpu_threads
+
+    configure_cpu_threads()
     from luffy_trl.evaluation.backends import load_tokenizer
     from luffy_trl.rewards import luffy_math_reward, math_reward
 
