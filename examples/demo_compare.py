@@ -33,7 +33,6 @@ from luffy_trl import train as train_luffy
 from luffy_trl.configs import recipe_path
 from luffy_trl.threads import configure_cpu_threads
 
-
 # arm -> (num_off_policy, extra recipe overrides, plot label, colour)
 ARMS = {
     "luffy": (1, [], "LUFFY (sampled + 1 teacher per group)", "tab:blue"),

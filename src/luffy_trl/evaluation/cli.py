@@ -17,6 +17,7 @@ from luffy_trl.evaluation.runner import (
     run_evaluation,
 )
 
+
 @dataclass
 class EvalArguments:
     """Arguments of `examples/eval_luffy.py`. Sampling fields left unset take the protocol's value."""

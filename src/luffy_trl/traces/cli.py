@@ -149,3 +149,22 @@ def main(args: TraceArguments):
     print(summary)
     print(f"wrote {output} and {summary_path}")
     return traces, summary
+
+
+def run(args: TraceArguments) -> int:
+    """`main` as a command: exit status 0 when at least one problem got a trace, 1 when the run produced none,
+    2 when the teacher cannot be used (`TeacherError`: a dead URL, a wrong model name or key)."""
+    import sys
+
+    from luffy_trl.traces.teachers import TeacherError
+
+    try:
+        _, summary = main(args)
+    except TeacherError as err:
+        print(f"make_traces: {err}", file=sys.stderr)
+        return 2
+    if summary.problems_with_trace == 0:
+        print(f"make_traces: no problem got a trace ({summary.skipped} samples skipped by the teacher, "
+              f"{summary.correct} correct): nothing usable was produced.", file=sys.stderr)
+        return 1
+    return 0
