@@ -1,22 +1,21 @@
 """`luffy-trl convert`: LUFFY / verl launch-script flags -> a recipe, every flag mapped or listed with its reason.
 
 Inputs: a launch script written for these tests (tests/fixtures/verl_launch.sh) and scripts assembled from the flag
-lists of LUFFY's four published launch scripts (../shared/data/luffy-launch-flags/)."""
+lists of LUFFY's four published launch scripts (tests/fixtures/luffy-launch-flags/)."""
 
 import pathlib
 import re
 
 import pytest
 import yaml
-from conftest import SHARED_DATA
+from conftest import FIXTURES
 
 from luffy_trl.cli import main
 from luffy_trl.configs import recipe_path
 from luffy_trl.convert import convert_overrides, read_overrides, render
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "verl_launch.sh"
-FLAGS = SHARED_DATA / "luffy-launch-flags"
-requires_flags = pytest.mark.skipif(not FLAGS.is_dir(), reason=f"LUFFY's launch flags are not at {FLAGS}")
+FLAGS = FIXTURES / "luffy-launch-flags"
 
 
 def as_script(flag_file: pathlib.Path) -> str:
@@ -100,7 +99,6 @@ SAME_AS_RECIPE = ["num_generations", "num_off_policy", "off_policy_loss", "on_po
                   "gradient_checkpointing", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization"]
 
 
-@requires_flags
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_luffys_published_scripts_convert_to_the_packaged_recipes(name, tmp_path):
     overrides, converted = convert_script(as_script(FLAGS / name))
@@ -152,7 +150,6 @@ LOSS_ARGUMENTS = ["clip_ratio", "clip_upper_bound", "loss_remove_clip", "loss_re
                   "off_policy_normalize", "off_abs_cliprange", "use_off_policy_loss", "off_policy_loss_impl"]
 
 
-@requires_flags
 def test_migrating_doc_lists_every_flag_and_loss_option():
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "migrating.md").read_text()
     for flag_file in sorted(FLAGS.glob("*.flags")):

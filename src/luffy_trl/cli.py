@@ -25,6 +25,7 @@ commands:
 
 def recipes(argv: list[str]) -> int:
     import argparse
+    import textwrap
 
     from luffy_trl.configs import accelerate_config_path, describe, list_accelerate_configs, list_recipes, recipe_path
 
@@ -41,12 +42,15 @@ def recipes(argv: list[str]) -> int:
                 print(f"luffy-trl recipes: {err}", file=sys.stderr)
                 return 2
         return 0
+    def show(name, path):
+        print(textwrap.fill(describe(path), width=118, initial_indent=f"  {name:24s} ", subsequent_indent=" " * 27))
+
     print("recipes (luffy-trl train --config NAME):")
     for name, path in list_recipes().items():
-        print(f"  {name:24s} {describe(path)}")
+        show(name, path)
     print("accelerate configs (accelerate launch --config_file $(luffy-trl recipes --path NAME) ...):")
     for name, path in list_accelerate_configs().items():
-        print(f"  {name:24s} {describe(path)}")
+        show(name, path)
     return 0
 
 
