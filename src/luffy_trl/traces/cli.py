@@ -130,7 +130,10 @@ def main(args: TraceArguments):
     teacher = build_teacher(args)
     policy_tokenizer = None
     if args.policy_model:
-        policy_tokenizer = load_tokenizer(args.policy_model, gguf_file=args.policy_gguf_file)
+        from luffy_trl.model_paths import resolve_model
+
+        policy_model, policy_gguf = resolve_model(args.policy_model, args.policy_gguf_file)
+        policy_tokenizer = load_tokenizer(policy_model, gguf_file=policy_gguf)
     protocol = TRACES.with_overrides(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed)
     output = Path(args.output)
