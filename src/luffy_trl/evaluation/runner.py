@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SCORERS = ("math", "choice")
 CACHE_FILE = "generations.jsonl"
+SCORES_FILE = "scores.jsonl"  # one line per scored sample, for statistics over problems (luffy_trl.evaluation.stats)
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -321,11 +322,33 @@ def evaluate(backend, problems: Sequence[Problem], protocol: Protocol, *, cache:
     return summarize(requests, samples, pass_ks)
 
 
+def write_scores(requests: Sequence[Request], samples: Sequence[ScoredSample], path: str | Path) -> None:
+    """Every scored sample as a JSON line: `benchmark`, `problem`, `sample`, `score` (None: unparseable gold),
+    `boxed`, `truncated`, `num_tokens`."""
+    with Path(path).open("w") as out:
+        for request, sample in zip(requests, samples, strict=True):
+            benchmark, problem, index = request.key
+            out.write(json.dumps({"benchmark": benchmark, "problem": problem, "sample": index, **asdict(sample)})
+                      + "\n")
+
+
+def problem_scores(path: str | Path, benchmark: str) -> dict[str, float]:
+    """Problem id -> mean score over its samples (an unparseable gold counts 0), from a `scores.jsonl`."""
+    totals: dict[str, list[float]] = {}
+    with Path(path).open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record["benchmark"] == benchmark:
+                totals.setdefault(record["problem"], []).append(record["score"] or 0.0)
+    return {problem: sum(values) / len(values) for problem, values in totals.items()}
+
+
 def run_evaluation(backend, problems: Sequence[Problem], protocol: Protocol, output_dir: str | Path, *,
                    model_name: str, model_id: str | None = None, batch_size: int | None = None,
                    pass_ks: Sequence[int] | None = None, progress: bool = True) -> dict:
     """`evaluate` with the generations cached in `output_dir/generations.jsonl` (resumed when it exists), then
-    `results.json`, `results.md` and `results.png` written to `output_dir` (see `luffy_trl.evaluation.report`).
+    `results.json`, `results.md` and `results.png` written to `output_dir` (see `luffy_trl.evaluation.report`), and
+    every scored sample in `scores.jsonl`.
     `model_name` labels the results; `model_id` (default `model_name`) identifies the weights in the cache keys:
     the cache cannot tell that the weights behind an id changed, so use a new `output_dir` for new weights.
 
@@ -346,5 +369,6 @@ def run_evaluation(backend, problems: Sequence[Problem], protocol: Protocol, out
                 "from_cache": len(requests) - generated, "backend": backend.name},
     }
     write_reports(results, output_dir)
+    write_scores(requests, samples, output_dir / SCORES_FILE)
     logger.info("evaluated %s in %.1f s (%d samples generated)", model_name, results["run"]["wall_seconds"], generated)
     return results
