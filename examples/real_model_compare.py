@@ -331,7 +331,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--arms", default="grpo,luffy,sft", help=f"comma-separated, from: {', '.join(ARMS)}")
     parser.add_argument("--eval_every", type=int, default=10, help="held-out evaluation every N steps (and the last)")
     parser.add_argument("--heldout_rows", type=int, default=HELDOUT_ROWS, help="problems per held-out set")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: luffy_trl.threads: 1 on a CPU-only machine unless "
+                             "OMP_NUM_THREADS / LUFFY_TRL_NUM_THREADS is set)")
     parser.add_argument("--start_from", default=None,
                         help="a results.json of the same settings whose step-0 evaluation is reused (every arm starts "
                              "from the same weights), instead of evaluating the base model again")
@@ -354,6 +356,10 @@ def main(argv=None) -> dict:
         import torch
 
         torch.set_num_threads(known.threads)
+    else:
+        from luffy_trl.threads import configure_cpu_threads
+
+        configure_cpu_threads()
 
     from luffy_trl.tasks.arithmetic import arithmetic_dataset
 

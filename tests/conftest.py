@@ -13,7 +13,7 @@ import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"  # provenance and licences in fixtures/README.md
 
 from luffy_trl.toy import CHATML_TEMPLATE, boxed_answer_reward, toy_math_dataset, toy_model, toy_tokenizer  # noqa: E402
 

@@ -1,22 +1,21 @@
 """`luffy-trl convert`: LUFFY / verl launch-script flags -> a recipe, every flag mapped or listed with its reason.
 
 Inputs: a launch script written for these tests (tests/fixtures/verl_launch.sh) and scripts assembled from the flag
-lists of LUFFY's four published launch scripts (../shared/data/luffy-launch-flags/)."""
+lists of LUFFY's four published launch scripts (tests/fixtures/luffy-launch-flags/)."""
 
 import pathlib
 import re
 
 import pytest
 import yaml
-from conftest import SHARED_DATA
+from conftest import FIXTURES
 
 from luffy_trl.cli import main
 from luffy_trl.configs import recipe_path
 from luffy_trl.convert import convert_overrides, read_overrides, render
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "verl_launch.sh"
-FLAGS = SHARED_DATA / "luffy-launch-flags"
-requires_flags = pytest.mark.skipif(not FLAGS.is_dir(), reason=f"LUFFY's launch flags are not at {FLAGS}")
+FLAGS = FIXTURES / "luffy-launch-flags"
 
 
 def as_script(flag_file: pathlib.Path) -> str:
@@ -100,7 +99,6 @@ SAME_AS_RECIPE = ["num_generations", "num_off_policy", "off_policy_loss", "on_po
                   "gradient_checkpointing", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization"]
 
 
-@requires_flags
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_luffys_published_scripts_convert_to_the_packaged_recipes(name, tmp_path):
     overrides, converted = convert_script(as_script(FLAGS / name))
@@ -115,6 +113,7 @@ def test_luffys_published_scripts_convert_to_the_packaged_recipes(name, tmp_path
     assert got["model_name_or_path"] == "/models/base"
     assert_every_flag_is_accounted_for(overrides, converted)
     assert len(converted.fields) + len(converted.unmapped) >= 40
+    assert not converted.unknown and not converted.differs, (converted.unknown, converted.differs)  # exit status 0
     parse_recipe(render(converted, source=name), tmp_path)
 
 
@@ -129,16 +128,29 @@ def test_refusals_name_the_reason():
     assert "off_policy_loss_impl=seq: only the token-level off-policy loss exists (refused)" in reasons
     assert "reward_impl_version=3" in reasons and "kl_coef=0.01: reward-level KL penalty" in reasons
     assert "off_policy_logprobs_column" in reasons
-    assert "num_off_policy" not in converted.fields
+    # partial prefixes: the recipe says what it trains (whole traces) and the conversion is flagged as differing
+    assert converted.fields["num_off_policy"][0] == 1 and "WHOLE traces" in converted.fields["num_off_policy"][1]
+    differs = " | ".join(f"{flag}: {reason}" for flag, reason in converted.differs)
+    for refused in ("partial prefixes", "off_policy_loss_impl=seq", "reward_impl_version=1", "kl_coef=0.01",
+                    "use_off_policy_probs=True"):
+        assert refused in differs, refused
 
 
 def test_cli_convert(tmp_path, capsys):
-    assert main(["convert", str(FIXTURE)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("# Converted from") and "\nmax_token_prob: 0.99" in out
+    # the fixture has one flag the converter does not know: exit 1, said on stderr and in the recipe's header
+    assert main(["convert", str(FIXTURE)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("# Converted from") and "\nmax_token_prob: 0.99" in captured.out
+    assert "# UNKNOWN FLAG: actor_rollout_ref.rollout.mystery_knob=3" in captured.out
+    assert "1 unknown" in captured.err and "UNKNOWN: actor_rollout_ref.rollout.mystery_knob=3" in captured.err
+    assert "does NOT train what the script trains" in captured.err
     target = tmp_path / "recipe.yaml"
-    assert main(["convert", str(FIXTURE), "-o", str(target), "--gpus", "8"]) == 0
-    assert yaml.safe_load(target.read_text())["gradient_accumulation_steps"] == 2
+    assert main(["convert", str(FIXTURE), "-o", str(target), "--gpus", "8", "--allow_differences", "--check"]) == 0
+    err = capsys.readouterr().err
+    assert f"wrote {target}" in err and "check: recipe parses: model /models/qwen2.5-math-7b-16k-think" in err
+    recipe = yaml.safe_load(target.read_text())
+    assert recipe["gradient_accumulation_steps"] == 2
+    assert (recipe["dtype"], recipe["seed"], recipe["output_dir"]) == ("bfloat16", 47, "outputs/luffy-test")
     empty = tmp_path / "empty.sh"
     empty.write_text("echo hello\n")
     assert main(["convert", str(empty)]) == 2
@@ -152,7 +164,6 @@ LOSS_ARGUMENTS = ["clip_ratio", "clip_upper_bound", "loss_remove_clip", "loss_re
                   "off_policy_normalize", "off_abs_cliprange", "use_off_policy_loss", "off_policy_loss_impl"]
 
 
-@requires_flags
 def test_migrating_doc_lists_every_flag_and_loss_option():
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "migrating.md").read_text()
     for flag_file in sorted(FLAGS.glob("*.flags")):
@@ -161,3 +172,56 @@ def test_migrating_doc_lists_every_flag_and_loss_option():
             assert f"| `{key}` |" in doc, f"docs/migrating.md has no row for {key} ({flag_file.name})"
     for name in LOSS_ARGUMENTS:
         assert f"`{name}`" in doc or f"({name})" in doc or f"`{name} " in doc, name
+
+
+def run_convert(tmp_path, script: str, *extra) -> tuple[int, dict, str]:
+    path = tmp_path / "script.sh"
+    path.write_text(script)
+    target = tmp_path / "recipe.yaml"
+    status = main(["convert", str(path), "-o", str(target), *extra])
+    return status, yaml.safe_load(target.read_text()), target.read_text()
+
+
+PLAIN_GRPO = """ROOT=/home/me
+DATA=$ROOT/data
+gsm8k_train_path=$DATA/gsm8k/train.parquet
+math_train_path=${DATA}/math/train.parquet
+train_files="['$gsm8k_train_path', '$math_train_path']"
+python3 -m verl.trainer.main_ppo algorithm.adv_estimator=grpo data.train_files="$train_files" \\
+    data.val_files=${VAL:-/val.parquet} actor_rollout_ref.model.path=Qwen/Qwen2.5-0.5B \\
+    actor_rollout_ref.actor.entropy_coef=0.001 actor_rollout_ref.rollout.n=5
+"""
+
+
+def test_plain_verl_grpo_script_is_said_to_be_plain_grpo(tmp_path, capsys):
+    status, recipe, text = run_convert(tmp_path, PLAIN_GRPO)
+    err = capsys.readouterr().err
+    assert status == 1  # a list of train files and a mistyped flag: the recipe differs from the script
+    assert (recipe["num_off_policy"], recipe["on_policy_clip"], recipe["num_generations"]) == (0, True, 5)
+    assert "no LUFFY flag in the script" in err and "# NOTE: no LUFFY flag in the script" in text
+    # variables built from variables, ${VAR}, and the list of files
+    assert recipe["dataset_name"] == "/home/me/data/gsm8k/train.parquet"
+    assert "DIFFERS: data.train_files=['/home/me/data/gsm8k/train.parquet', '/home/me/data/math/train.parquet']: " \
+           "2 training files" in err
+    assert "data.val_files=/val.parquet" in text  # ${VAR:-default} takes its default
+    assert "UNKNOWN: actor_rollout_ref.actor.entropy_coef=0.001 (did you mean actor.entropy_coeff?)" in err
+    assert "defaulted: loss_type='bnpo' (not set in the script: verl's default" in err
+
+
+def test_unresolved_variables_and_missing_group_size_are_reported(tmp_path, capsys):
+    script = ("python3 -m verl.mix_src.main_mix_ppo data.train_files=$ROOT/data//openr1.parquet "
+              "actor_rollout_ref.rollout.n_prefix=1 actor_rollout_ref.actor.use_off_policy_loss=True\n")
+    status, recipe, _ = run_convert(tmp_path, script)
+    err = capsys.readouterr().err
+    assert status == 1 and recipe["num_off_policy"] == 1
+    assert "DIFFERS: data.train_files=$ROOT/data//openr1.parquet: unresolved shell variable(s) $ROOT" in err
+    assert "the script does not set rollout.n" in err
+    assert run_convert(tmp_path, "ROOT=/x\n" + script.replace("n_prefix=1", "n_prefix=1 "
+                                                                "actor_rollout_ref.rollout.n=8"))[0] == 0
+
+
+def test_check_fails_on_a_recipe_the_trainer_refuses(tmp_path, capsys):
+    script = ("python3 -m verl.mix_src.main_mix_ppo actor_rollout_ref.rollout.n=8 actor_rollout_ref.rollout.n_prefix=8 "
+              "actor_rollout_ref.actor.use_off_policy_loss=True\n")
+    status, _, _ = run_convert(tmp_path, script, "--check")
+    assert status == 1 and "check FAILED" in capsys.readouterr().err  # num_off_policy must stay below the group

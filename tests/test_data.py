@@ -16,8 +16,9 @@ from luffy_trl.rewards import luffy_math_reward, math_reward  # noqa: E402
 from luffy_trl.teacher import teacher_texts  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "luffy_sample.jsonl"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs {SHARED_DATA}")
+from luffy_trl.evaluation import benchmark_dir  # noqa: E402
+
+BENCHMARKS = benchmark_dir()  # LUFFY's benchmark files, shipped with the package
 
 # Fixture rows (extra_info.index): 0 one trace; 1 target None; 2 target []; 3 an empty trace; 4 a trace of ~900
 # tokens; 5 two traces; 6 a prompt of ~1700 tokens; 7 no system message and a trace without <think>.
@@ -35,12 +36,11 @@ def test_system_prompt_is_luffys_verbatim():
                                         "choices or mathematical solutions.")
 
 
-@requires_shared_data
 def test_system_prompt_matches_luffys_benchmark_files():
     import pandas as pd
 
     for name in ("all", "arc_c", "gpqa"):
-        frame = pd.read_parquet(SHARED_DATA / "benchmarks" / f"valid.{name}.parquet")
+        frame = pd.read_parquet(BENCHMARKS / f"valid.{name}.parquet")
         assert {messages[0]["content"] for messages in frame.prompt} == {LUFFY_SYSTEM_PROMPT}
 
 
@@ -164,12 +164,11 @@ def test_parquet_round_trip(tmp_path):
     assert (report_again.traces_in, report_again.rows_without_trace) == (report.traces_out, report.rows_without_trace)
 
 
-@requires_shared_data
 def test_benchmark_files_load_through_the_same_code():
     import pandas as pd
 
     for name, rows in (("all", 6023), ("arc_c", 1172), ("gpqa", 198)):
-        path = SHARED_DATA / "benchmarks" / f"valid.{name}.parquet"
+        path = BENCHMARKS / f"valid.{name}.parquet"
         dataset, report = load_luffy_dataset(str(path), system_prompt="drop")
         assert (len(dataset), report.rows_without_trace, report.traces_in) == (rows, rows, 0)
         frame = pd.read_parquet(path)

@@ -8,7 +8,6 @@ import types
 import pytest
 import torch
 from conftest import (
-    SHARED_DATA,
     SMOLLM_GGUF,
     build_model,
     math_dataset,
@@ -19,7 +18,7 @@ from conftest import (
     tiny_args,
 )
 
-from luffy_trl.evaluation import cli
+from luffy_trl.evaluation import benchmark_dir, cli
 from luffy_trl.evaluation.backends import Generation, TransformersBackend, VLLMBackend
 from luffy_trl.evaluation.callback import LuffyEvalCallback
 from luffy_trl.evaluation.protocols import LUFFY
@@ -36,11 +35,8 @@ from luffy_trl.evaluation.runner import (
     summarize,
 )
 
-BENCHMARKS = SHARED_DATA / "benchmarks"
+BENCHMARKS = benchmark_dir()  # LUFFY's benchmark files, shipped with the package
 TWO_PROCESS_SCRIPT = pathlib.Path(__file__).parent / "scripts" / "two_process_eval_callback.py"
-requires_benchmarks = pytest.mark.skipif(
-    not (BENCHMARKS / "valid.all.parquet").exists(), reason=f"LUFFY's benchmark files are not in {BENCHMARKS}"
-)
 
 
 class FakeBackend:
@@ -92,7 +88,6 @@ def test_custom_dataset_copies_become_samples_of_one_problem(toy_bench, tokenize
     assert len(load_problems(toy_bench, max_problems=2)) == 2
 
 
-@requires_benchmarks
 def test_luffy_files_group_the_32_copies_and_drop_the_system_prompt():
     aime = load_problems(luffy_benchmark("aime", BENCHMARKS), max_problems=2)
     assert [p.copies for p in aime] == [32, 32] and aime[0].benchmark == "aime"
@@ -230,7 +225,7 @@ def test_yaml_config_and_command_line(tmp_path):
         ["--config", str(config), "--temperature", "0.0", "--pass_k", "1", "2"])
     assert (args.model_name_or_path, args.benchmarks, args.num_samples) == ("some/model", ["aime", "gpqa"], "aime=4")
     assert (args.max_new_tokens, args.temperature, args.pass_k, args.protocol) == (512, 0.0, [1, 2], "luffy")
-    assert cli.resolve_data_dir("../shared/data/benchmarks").name == "benchmarks"
+    assert args.data_dir is None  # LUFFY's files shipped with the package
 
     docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
     config.write_text(docs.split("```yaml\n", 1)[1].split("```", 1)[0])  # the docs' example parses as written
@@ -238,7 +233,6 @@ def test_yaml_config_and_command_line(tmp_path):
     assert args.num_samples == "aime=16,aime25=16,amc=8" and args.tensor_parallel_size == 4
 
 
-@requires_benchmarks
 def test_tiny_model_end_to_end_on_every_benchmark(tokenizer, tmp_path):
     build_model(tokenizer).save_pretrained(tmp_path / "toy")
     tokenizer.save_pretrained(tmp_path / "toy")
@@ -316,7 +310,6 @@ def one_thread():
 
 @pytest.mark.slow
 @requires_smollm
-@requires_benchmarks
 def test_smollm2_on_two_math_problems(one_thread):
     backend = TransformersBackend.from_pretrained(smollm_folder(), gguf_file=SMOLLM_GGUF)
     problems = load_problems(luffy_benchmark("math", BENCHMARKS), max_problems=2)

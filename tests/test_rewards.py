@@ -17,6 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from luffy_trl import rewards  # noqa: E402
+from luffy_trl.evaluation import benchmark_dir  # noqa: E402
 from luffy_trl.rewards import (  # noqa: E402
     luffy_math_reward,
     make_choice_reward,
@@ -25,8 +26,8 @@ from luffy_trl.rewards import (  # noqa: E402
     multiple_choice_reward,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-requires_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs {SHARED_DATA}")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+BENCHMARKS = benchmark_dir()  # LUFFY's benchmark files, shipped with the package
 
 M, L, C = "math_reward", "luffy_math_reward", "multiple_choice_reward"
 REWARDS = {M: math_reward, L: luffy_math_reward, C: multiple_choice_reward}
@@ -189,13 +190,12 @@ def test_prepare_answer():
     assert prepare("\\boxed{1} and \\boxed 2", think_gate=False) is not None
 
 
-@requires_shared_data
 def test_math_verify_examples():
     import pandas as pd
 
-    outputs = pd.read_csv(SHARED_DATA / "math-verify-examples" / "model_outputs.csv")
+    outputs = pd.read_csv(FIXTURES / "math-verify-examples" / "model_outputs.csv")
     assert math_reward(list(outputs.answer), ground_truth=list(outputs.gold)) == [1.0] * len(outputs)
-    answers = list(pd.read_csv(SHARED_DATA / "math-verify-examples" / "few_shot_answers.csv").answer)
+    answers = list(pd.read_csv(FIXTURES / "math-verify-examples" / "few_shot_answers.csv").answer)
     golds = ["26", "3000", "25", "12.5", "[2,5)", "24", "16", r"-\frac{2}{3}"]
     wrong = ["27", "300", "5", "12", "[2,5]", "25", "15", r"\frac{2}{3}"]
     assert math_reward(answers, ground_truth=golds) == [1.0] * 8
@@ -208,12 +208,11 @@ KNOWN_UNPARSEABLE = {
 }
 
 
-@requires_shared_data
 def test_benchmark_golds_parse_and_verify_themselves():
     """Every gold of valid.all.parquet parses, except the known ones; a completion that boxes the gold scores 1.0."""
     import pandas as pd
 
-    frame = pd.read_parquet(SHARED_DATA / "benchmarks" / "valid.all.parquet")
+    frame = pd.read_parquet(BENCHMARKS / "valid.all.parquet")
     frame["gold"] = [rm["ground_truth"] for rm in frame.reward_model]
     golds = sorted(set(frame.gold))
     completions = [f"The answer is $\\boxed{{{rewards.normalize_gold(g)}}}$." for g in golds]
@@ -229,12 +228,11 @@ def test_benchmark_golds_parse_and_verify_themselves():
     assert not not_self_consistent, f"golds that do not verify against themselves: {not_self_consistent}"
 
 
-@requires_shared_data
 @pytest.mark.parametrize("name", ["arc_c", "gpqa"])
 def test_choice_golds_parse(name):
     import pandas as pd
 
-    frame = pd.read_parquet(SHARED_DATA / "benchmarks" / f"valid.{name}.parquet")
+    frame = pd.read_parquet(BENCHMARKS / f"valid.{name}.parquet")
     golds = [rm["ground_truth"] for rm in frame.reward_model]
     assert all(rewards.normalize_choice(g) for g in golds)
     assert multiple_choice_reward([f"ANSWER: {g}" for g in golds], ground_truth=golds) == [1.0] * len(golds)

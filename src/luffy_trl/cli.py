@@ -4,6 +4,7 @@
     luffy-trl recipes --path zero3            # the path of one (for accelerate's --config_file)
     luffy-trl train --config demo_cpu [--max_steps 10 ...]
     accelerate launch --config_file $(luffy-trl recipes --path zero3) -m luffy_trl.cli train --config qwen2.5-math-7b
+    luffy-trl eval --model_name_or_path out/ --benchmarks math --max_problems_per_benchmark 50
     luffy-trl convert train.sh [-o recipe.yaml]   # a LUFFY / verl launch script -> a recipe (docs/migrating.md)
 """
 
@@ -16,12 +17,15 @@ USAGE = """usage: luffy-trl <command> [args]
 commands:
   train     train with a recipe: luffy-trl train --config <recipe name or file> [--field value ...]
   recipes   list the packaged recipes and accelerate configs; --path NAME prints one's path
+  eval      evaluate a model or LoRA adapter: luffy-trl eval --model_name_or_path <id|folder|pkg:...>
+            [--adapter_path DIR] [--benchmarks math aime | name=problems.jsonl] [--num_samples 4] (docs/evaluation.md)
   convert   turn a LUFFY / verl launch script (or a file of key=value Hydra overrides) into a recipe YAML
 """
 
 
 def recipes(argv: list[str]) -> int:
     import argparse
+    import textwrap
 
     from luffy_trl.configs import accelerate_config_path, describe, list_accelerate_configs, list_recipes, recipe_path
 
@@ -38,12 +42,29 @@ def recipes(argv: list[str]) -> int:
                 print(f"luffy-trl recipes: {err}", file=sys.stderr)
                 return 2
         return 0
+    def show(name, path):
+        print(textwrap.fill(describe(path), width=118, initial_indent=f"  {name:24s} ", subsequent_indent=" " * 27))
+
     print("recipes (luffy-trl train --config NAME):")
     for name, path in list_recipes().items():
-        print(f"  {name:24s} {describe(path)}")
+        show(name, path)
     print("accelerate configs (accelerate launch --config_file $(luffy-trl recipes --path NAME) ...):")
     for name, path in list_accelerate_configs().items():
-        print(f"  {name:24s} {describe(path)}")
+        show(name, path)
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    """`luffy-trl eval`: `luffy_trl.evaluation.cli` (a model or adapter on LUFFY's benchmarks or any problem file)."""
+    from luffy_trl.evaluation.cli import EvalArguments, main
+    from luffy_trl.train import LuffyParser, UsageError
+
+    try:
+        (args,) = LuffyParser((EvalArguments,), prog="luffy-trl eval").parse_args_and_config(argv)
+        main(args)
+    except (UsageError, FileNotFoundError, ValueError) as err:
+        print(f"luffy-trl eval: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -54,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from luffy_trl.train import run
+        from luffy_trl.train import UsageError, run
 
-        run(rest)
+        try:
+            run(rest)
+        except UsageError as err:
+            print(f"luffy-trl train: {err}", file=sys.stderr)
+            return 2
         return 0
+    if command == "eval":
+        return evaluate(rest)
     if command == "recipes":
         return recipes(rest)
     if command == "convert":

@@ -4,16 +4,23 @@
     luffy-trl convert train.sh --gpus 8 -o luffy.yaml      # writes it
 
 The input is a shell script that runs `python -m verl.mix_src.main_mix_ppo key=value ...` (line continuations,
-comments and `VAR=value` / `export VAR=value` assignments are understood; `$VAR` and `${VAR}` are substituted when
-the script assigns them), or a file of `key=value` lines. Every flag ends up either as a recipe field (with the LUFFY
-flag it came from in a comment) or in a commented list of flags that have no equivalent, each with the reason. Flags
-that LUFFY's loss function accepts but never reads, and settings that are no-ops at their value, are listed too. The
-full table is docs/migrating.md; the conversion is a pure function (`convert_overrides`).
+comments and `VAR=value` / `export VAR=value` assignments are understood; `$VAR`, `${VAR}` and `${VAR:-default}` are
+substituted, also inside other assignments), or a file of `key=value` lines. Every flag ends up either as a recipe
+field (with the LUFFY flag it came from in a comment) or in a commented list of flags that have no equivalent, each
+with the reason. Flags that LUFFY's loss function accepts but never reads, and settings that are no-ops at their
+value, are listed too. The full table is docs/migrating.md; the conversion is a pure function (`convert_overrides`).
+
+A summary goes to stderr: every flag whose recipe would train something other than the script ("differs"), every
+flag the converter does not know (a typo?), every shell variable left unresolved and every field set from a default
+rather than from the script. The command exits 1 when the recipe differs from the script, a flag is unknown or a
+variable is unresolved (`--allow_differences` exits 0 all the same), 2 on unusable input. `--check` also parses the
+recipe with `luffy-trl train`'s parser (CPU, no model), so a recipe that would not load fails here.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import shlex
 import sys
@@ -52,7 +59,6 @@ REASONS = {
     "(--num_processes); used here for the batch arithmetic",
     "trainer.nnodes": "Ray placement: `accelerate launch --num_machines`; used here for the batch arithmetic",
     "trainer.default_hdfs_dir": "HDFS upload: not supported (push_to_hub / hub_model_id upload to the Hub)",
-    "trainer.default_local_dir": "checkpoint folder: set output_dir",
     "actor.off_policy_normalize": "accepted by LUFFY's loss function but never read: no effect",
     "actor.off_policy_cliprange": "accepted by LUFFY's loss function but never read: no effect",
     "actor.off_policy_abs_cliprange": "accepted by LUFFY's loss function but never read: no effect",
@@ -74,18 +80,35 @@ NOOPS = {
     "trainer.critic_warmup": ({"0"}, "no critic in GRPO"),
 }
 REWARD_VERSIONS = {"3": "luffy_math_reward"}
+# Flags only LUFFY's mixed-policy trainer has: a script with none of them is a plain verl GRPO / PPO script.
+LUFFY_FLAGS = {"rollout.n_prefix", "rollout.min_prefix_ratio", "rollout.max_prefix_ratio", "actor.use_off_policy_loss",
+               "actor.off_policy_reshape", "actor.use_sft_multitask_loss", "data.sample_target_ratio"}
 
 
 @dataclass
 class Converted:
     fields: dict = field(default_factory=dict)  # recipe field -> (value, comment)
     unmapped: list = field(default_factory=list)  # (flag, value, reason)
+    differs: list = field(default_factory=list)  # (flag or field, what the recipe does instead of the script)
+    unknown: list = field(default_factory=list)  # (flag, value, closest known flag or None)
+    notes: list = field(default_factory=list)  # what the reader must know about the script as a whole
 
     def set(self, name, value, comment=""):
         self.fields[name] = (value, comment)
 
-    def skip(self, flag, value, reason):
+    def skip(self, flag, value, reason, differs: bool = False):
+        """A flag with no recipe field; `differs`: the recipe trains something other than the script because of it."""
         self.unmapped.append((flag, value, reason))
+        if differs:
+            self.differs.append((f"{flag}={value}", reason))
+
+    @property
+    def defaulted(self) -> list:
+        """Recipe fields the script does not set: (field, value, comment)."""
+        return [(name, value, comment) for name, (value, comment) in self.fields.items() if DEFAULTED in comment]
+
+
+DEFAULTED = "not set in the script"
 
 
 def read_overrides(text: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -109,12 +132,43 @@ def read_overrides(text: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
                 overrides.append((key, value))
             elif len(tokens) == 1 or tokens.index(token) == 0:  # VAR=value (an assignment, not a command's env)
                 variables[key] = value
-    substituted = []
-    for key, value in overrides:
-        for name, replacement in variables.items():
-            value = value.replace("${" + name + "}", replacement).replace("$" + name, replacement)
-        substituted.append((key, value))
-    return substituted, variables
+    for _ in range(len(variables)):  # variables built from other variables (ROOT=/x; DATA=$ROOT/data)
+        resolved = {name: substitute(value, variables) for name, value in variables.items()}
+        if resolved == variables:
+            break
+        variables = resolved
+    return [(key, substitute(value, variables)) for key, value in overrides], variables
+
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    """`$VAR`, `${VAR}` and `${VAR:-default}` replaced by the script's assignments (a `${VAR:-default}` the script
+    does not assign takes its default); anything else is left as it is (see `unresolved_variables`)."""
+
+    def replace(match):
+        name = match.group(1) or match.group(3)
+        if name in variables:
+            return variables[name]
+        if match.group(2) is not None:
+            return match.group(2)
+        return match.group(0)
+
+    return _VARIABLE.sub(replace, text)
+
+
+def unresolved_variables(text: str) -> list[str]:
+    """Shell variables still in `text` after `substitute` (`$@` and `$1` are not variables of the script)."""
+    return [m.group(1) or m.group(3) for m in _VARIABLE.finditer(text)]
+
+
+def _hydra_list(text: str) -> list[str] | None:
+    """A Hydra list value (`[a,b]`, `['a', 'b']`) as a list of strings, or None when `text` is not a list."""
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    return [item.strip().strip("'\"") for item in text[1:-1].split(",") if item.strip()]
 
 
 def _short(key: str) -> str:
@@ -140,23 +194,44 @@ def convert_overrides(overrides: list[tuple[str, str]], gpus: int | None = None)
     """Map LUFFY / verl overrides to recipe fields; every flag is either mapped or listed in `unmapped`."""
     flags = {_short(k): v for k, v in overrides}
     original = {_short(k): k for k, _ in overrides}
-    out, used = Converted(), set()
+    out, used, asked = Converted(), set(), set()
+    luffy = any(key in flags for key in LUFFY_FLAGS)
+    if not luffy:
+        out.notes.append("no LUFFY flag in the script (" + ", ".join(sorted(LUFFY_FLAGS)) + "): converted as plain "
+                         "GRPO, num_off_policy 0 (no teacher rows). For LUFFY, set num_off_policy: 1 and "
+                         "off_policy_column to your teacher-trace column (docs/migrating.md).")
 
     def get(key, default=None):
+        asked.add(key)
         if key in flags:
             used.add(key)
             return flags[key]
         return default
 
     def src(*keys):
-        return ", ".join(f"{original.get(k, k)}={flags[k]}" for k in keys if k in flags) or "not set: LUFFY's default"
+        return (", ".join(f"{original.get(k, k)}={flags[k]}" for k in keys if k in flags)
+                or f"{DEFAULTED}: {'LUFFY' if luffy else 'verl'}'s default")
+    for key, value in flags.items():
+        if unresolved_variables(value):
+            out.differs.append((f"{original[key]}={value}", "unresolved shell variable(s) "
+                                + ", ".join(f"${v}" for v in unresolved_variables(value))
+                                + ": assign them in the script or edit the recipe"))
 
     # model and data
     if (path := get("model.path")) is not None:
         out.set("model_name_or_path", path, src("model.path"))
     if (files := get("data.train_files")) is not None:
         out.set("task", "luffy")
-        out.set("dataset_name", files, src("data.train_files") + " (a parquet file or folder in verl's schema)")
+        listed = _hydra_list(files)
+        if listed is not None and len(listed) == 1:
+            files, listed = listed[0], None
+        if listed is None:
+            out.set("dataset_name", files, src("data.train_files") + " (a parquet file or folder in verl's schema)")
+        else:
+            out.set("dataset_name", listed[0], src("data.train_files") + ": the first file only")
+            out.differs.append((f"{original['data.train_files']}={files}", f"{len(listed)} training files; "
+                                "dataset_name takes one file or folder: put the files in one folder (every parquet "
+                                "file in it is read) and point dataset_name at it"))
     if (length := get("data.max_prompt_length")) is not None:
         out.set("max_prompt_length", _value(length), src("data.max_prompt_length"))
     if (length := get("data.max_response_length")) is not None:
@@ -166,7 +241,8 @@ def convert_overrides(overrides: list[tuple[str, str]], gpus: int | None = None)
         response = _value(flags.get("data.max_response_length", prefix_len))
         if _value(prefix_len) < response:
             out.skip(original["rollout.max_prefix_len"], prefix_len,
-                     "a trace limit below max_response_length: traces are cut at max_completion_length only")
+                     "a trace limit below max_response_length: traces are cut at max_completion_length only",
+                     differs=True)
         else:
             out.set("filter_long_traces", True, src("rollout.max_prefix_len") + ": traces longer than "
                     "max_completion_length are dropped (LUFFY's data were filtered to ≤ 8192 tokens)")
@@ -176,22 +252,29 @@ def convert_overrides(overrides: list[tuple[str, str]], gpus: int | None = None)
                 ": </think> gate + math-verify")
     else:
         out.skip(original.get("data.reward_impl_version"), version,
-                 "only reward_impl_version=3 (think gate + math-verify) has a luffy-trl reward function")
+                 "only reward_impl_version=3 (think gate + math-verify) has a luffy-trl reward function", differs=True)
 
     # group: teacher slots
     n = _value(get("rollout.n", "8"))
     out.set("num_generations", n, src("rollout.n"))
-    n_prefix = _value(get("rollout.n_prefix", "1"))
+    if "rollout.n" not in flags:
+        out.differs.append(("num_generations=8", "the script does not set rollout.n; verl's default (1) makes groups "
+                            "of one, with no GRPO advantage: 8 (LUFFY's published scripts) is used instead"))
+    n_prefix = _value(get("rollout.n_prefix", "1" if luffy else "0"))
     low, high = _value(get("rollout.min_prefix_ratio", "1.0")), _value(get("rollout.max_prefix_ratio", "1.0"))
     strategy = get("rollout.prefix_strategy")
     ratio_keys = ("rollout.n_prefix", "rollout.min_prefix_ratio", "rollout.max_prefix_ratio")
-    if high == 0:
+    if not luffy:
+        out.set("num_off_policy", 0, "no LUFFY flag in the script: plain GRPO")
+    elif high == 0:
         out.set("num_off_policy", 0, src(*ratio_keys) + ": no teacher trace")
     elif low == high == 1.0:
         out.set("num_off_policy", n_prefix, src(*ratio_keys) + ": whole traces")
     else:
+        out.set("num_off_policy", n_prefix, src(*ratio_keys) + ": WHOLE traces (partial prefixes refused)")
         out.skip(", ".join(original.get(k, k) for k in ratio_keys), f"{n_prefix}, {low}, {high}",
-                 "partial prefixes (ratio strictly between 0 and 1) are not supported: whole traces only")
+                 "partial prefixes (ratio strictly between 0 and 1) are not supported: the recipe trains on whole "
+                 "traces", differs=True)
     if strategy is not None:
         out.skip(original["rollout.prefix_strategy"], strategy, "no effect with prefix ratios of 0 or 1")
     if (ratio := get("data.sample_target_ratio")) is not None and _value(ratio) != 1.0:
@@ -216,10 +299,12 @@ def convert_overrides(overrides: list[tuple[str, str]], gpus: int | None = None)
             out.set("off_policy_loss", "luffy", src("actor.use_off_policy_loss"))
         elif out.fields.get("num_off_policy", (0,))[0]:
             out.skip(original.get("actor.use_off_policy_loss", "actor.use_off_policy_loss"), off_loss,
-                     "traces trained with the on-policy PPO loss are not supported: set use_off_policy_loss=True")
+                     "traces trained with the on-policy PPO loss are not supported: set use_off_policy_loss=True",
+                     differs=True)
     else:
-        out.skip(original.get("algorithm.adv_estimator", "algorithm.adv_estimator"), estimator,
-                 "only grpo (and grpo_split with use_sft_multitask_loss) are supported")
+        what = "PPO with a critic (gae) is not GRPO: the recipe trains GRPO" if estimator == "gae" else \
+            "only grpo (and grpo_split with use_sft_multitask_loss) are supported"
+        out.skip(original.get("algorithm.adv_estimator", "algorithm.adv_estimator"), estimator, what, differs=True)
     std = get("algorithm.grpo_use_std", "True")
     out.set("scale_rewards", "none" if std == "False" else "group",
             src("algorithm.adv_estimator", "algorithm.grpo_use_std") + ": group-mean advantage" +
@@ -253,10 +338,16 @@ def convert_overrides(overrides: list[tuple[str, str]], gpus: int | None = None)
             continue
         allowed = NOOPS.get(key)
         if allowed is not None:
-            reason = "no effect at this value" if value in allowed[0] else allowed[1] + " (refused)"
-            out.skip(original[key], value, reason)
+            refused = value not in allowed[0]
+            out.skip(original[key], value, allowed[1] + " (refused)" if refused else "no effect at this value",
+                     differs=refused)
+        elif key in REASONS:
+            out.skip(original[key], value, REASONS[key])
         else:
-            out.skip(original[key], value, REASONS.get(key, "unknown to the converter: check docs/migrating.md"))
+            close = difflib.get_close_matches(key, sorted(asked | set(REASONS) | set(NOOPS)), 1, 0.8)
+            out.unknown.append((original[key], value, close[0] if close else None))
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            out.skip(original[key], value, f"unknown to the converter{hint}: check docs/migrating.md")
     return out
 
 
@@ -283,7 +374,7 @@ def _loss_options(flags, original, get, src, out):
     elif reshape in ("no_reshape", "logp", "p_logp", "square_root", "pow"):
         out.set("off_policy_shaping", "none" if reshape == "no_reshape" else reshape, src("actor.off_policy_reshape"))
     else:
-        out.skip(original.get("actor.off_policy_reshape"), reshape, "unknown off_policy_reshape")
+        out.skip(original.get("actor.off_policy_reshape"), reshape, "unknown off_policy_reshape", differs=True)
     reshape = str(get("actor.on_policy_reshape", "no_reshape"))
     if (m := re.fullmatch(r"p_div_p_([0-9.]+)", reshape)):
         out.set("on_policy_shaping", "luffy", src("actor.on_policy_reshape"))
@@ -291,7 +382,7 @@ def _loss_options(flags, original, get, src, out):
     elif reshape in ("logp", "p_logp", "square_root", "pow"):
         out.set("on_policy_shaping", reshape, src("actor.on_policy_reshape"))
     elif reshape != "no_reshape":
-        out.skip(original.get("actor.on_policy_reshape"), reshape, "unknown on_policy_reshape")
+        out.skip(original.get("actor.on_policy_reshape"), reshape, "unknown on_policy_reshape", differs=True)
     for key, name in (("actor.off_policy_reshape_weight", "off_policy_shaping_weight"),
                       ("actor.off_policy_reshape_pow_exp", "off_policy_shaping_exponent"),
                       ("actor.on_policy_reshape_weight", "on_policy_shaping_weight"),
@@ -306,7 +397,7 @@ def _loss_options(flags, original, get, src, out):
     if get("actor.use_off_policy_probs", "False") == "True":
         out.skip(original["actor.use_off_policy_probs"], "True",
                  "teacher probabilities: set off_policy_logprobs_column to your column of per-token log-probs and "
-                 "off_policy_shaping: none (LUFFY does not reshape p/p_teacher)")
+                 "off_policy_shaping: none (LUFFY does not reshape p/p_teacher)", differs=True)
 
 
 def _geometry(flags, original, get, src, out, n, gpus):
@@ -321,7 +412,8 @@ def _geometry(flags, original, get, src, out, n, gpus):
     if per_step % gpus or per_rollout % per_step or (per_step // gpus) % n:
         out.skip(f"{original['data.train_batch_size']}, {original['actor.ppo_mini_batch_size']}",
                  f"{rollout}, {mini}", f"batch sizes that do not split into whole groups over {gpus} processes: "
-                 "set per_device_train_batch_size, gradient_accumulation_steps and steps_per_generation by hand")
+                 "set per_device_train_batch_size, gradient_accumulation_steps and steps_per_generation by hand",
+                 differs=True)
         return
     per_device = n
     ga = per_step // gpus // per_device
@@ -347,12 +439,13 @@ def _rollout_and_system(get, src, out, original):
         if (tp := get("rollout.tensor_model_parallel_size")) is not None:
             out.set("vllm_tensor_parallel_size", _value(tp), src("rollout.tensor_model_parallel_size") +
                     " (1 lets luffy-trl generate only the on-policy slots)")
-        if (util := get("rollout.gpu_memory_utilization")) is not None:
+        if get("rollout.gpu_memory_utilization") is not None:
             out.set("vllm_gpu_memory_utilization", 0.35, src("rollout.gpu_memory_utilization") +
                     ": verl frees the engine during training, TRL's colocate shares the GPU: 0.3-0.5 with sleep mode")
             out.set("vllm_enable_sleep_mode", True, src("rollout.gpu_memory_utilization"))
     elif name is not None:
-        out.skip(original["rollout.name"], name, "only vLLM (or TRL's transformers generation) is available")
+        out.skip(original["rollout.name"], name, "only vLLM (or TRL's transformers generation) is available: the "
+                 "recipe generates with transformers (the same samples' distribution, slower)")
     for key, name in (("rollout.temperature", "temperature"), ("rollout.top_p", "top_p")):
         if (value := get(key)) is not None:
             out.set(name, _value(value), src(key))
@@ -367,16 +460,33 @@ def _rollout_and_system(get, src, out, original):
         out.set("run_name", name, src("trainer.experiment_name"))
     if (keep := get("trainer.max_optim_to_keep")) is not None:
         out.set("save_total_limit", _value(keep), src("trainer.max_optim_to_keep") + " (TRL keeps whole checkpoints)")
+    out.set("dtype", "bfloat16", "the model's weights in bf16, as LUFFY's packaged recipe (verl's FSDP actor trains in "
+            "bf16 mixed precision)")
     out.set("bf16", True, "verl's FSDP actor trains in bf16 mixed precision")
+    if (folder := get("trainer.default_local_dir")) is not None:
+        out.set("output_dir", folder, src("trainer.default_local_dir"))
+    else:
+        run = get("trainer.experiment_name")
+        out.set("output_dir", f"outputs/{run or 'luffy'}", f"{DEFAULTED}: outputs/<trainer.experiment_name>")
+    if (seed := get("data.seed")) is not None:
+        out.set("seed", _value(seed), src("data.seed"))
+    else:
+        out.set("seed", 47, f"{DEFAULTED}: LUFFY's data sampler seed (as the packaged recipes)")
     out.set("logging_steps", 1)
 
 
 def render(converted: Converted, source: str = "") -> str:
-    """The recipe as YAML text, a comment per field, then every flag that was not mapped with its reason."""
+    """The recipe as YAML text: what differs from the script first, a comment per field, then every flag that was
+    not mapped with its reason."""
     lines = [f"# Converted from {source} by `luffy-trl convert` (docs/migrating.md)." if source else
              "# Converted by `luffy-trl convert` (docs/migrating.md).",
              "# Launch: accelerate launch --config_file $(luffy-trl recipes --path zero3) -m luffy_trl.cli train "
-             "--config THIS_FILE", ""]
+             "--config THIS_FILE"]
+    lines += [f"# NOTE: {note}" for note in converted.notes]
+    lines += [f"# DIFFERS FROM THE SCRIPT: {flag}: {reason}" for flag, reason in converted.differs]
+    lines += [f"# UNKNOWN FLAG: {flag}={value}" + (f" (did you mean {close}?)" if close else "")
+              for flag, value, close in converted.unknown]
+    lines.append("")
     for name, (value, comment) in converted.fields.items():
         text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000, allow_unicode=True).strip()
         text = text[1:-1] if text.startswith("{") else text
@@ -388,21 +498,79 @@ def render(converted: Converted, source: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(converted: Converted, flags: int) -> tuple[str, bool]:
+    """The stderr report of a conversion, and whether the recipe trains what the script trains."""
+    same = not (converted.differs or converted.unknown)
+    lines = [f"luffy-trl convert: {flags} flags -> {len(converted.fields)} recipe fields; "
+             f"{len(converted.differs)} differ from the script, {len(converted.unknown)} unknown, "
+             f"{len(converted.defaulted)} fields defaulted, {len(converted.unmapped)} flags without a field."]
+    lines += [f"  note: {note}" for note in converted.notes]
+    lines += [f"  DIFFERS: {flag}: {reason}" for flag, reason in converted.differs]
+    lines += [f"  UNKNOWN: {flag}={value}" + (f" (did you mean {close}?)" if close else " (a typo, or a flag the "
+              "converter does not know: docs/migrating.md)") for flag, value, close in converted.unknown]
+    lines += [f"  defaulted: {name}={value!r} ({comment})" for name, value, comment in converted.defaulted]
+    if not same:
+        lines.append("  The recipe does NOT train what the script trains: fix the script or the recipe (the recipe's "
+                     "header lists the same), or pass --allow_differences to accept it.")
+    return "\n".join(lines) + "\n", same
+
+
+def check_recipe(path) -> str:
+    """Parse a recipe with `luffy-trl train`'s parser on this machine (CPU, no model loaded); returns a one-line
+    description, raises on a field or value the trainer would refuse."""
+    from luffy_trl.train import check_recipe_fields, make_parser
+
+    parser = make_parser()
+    check_recipe_fields(path, parser)
+    script_args, args, model_args = parser.parse_args_and_config(
+        ["--config", str(path), "--use_cpu", "true", "--bf16", "false"])
+    return (f"recipe parses: model {model_args.model_name_or_path}, data {script_args.dataset_name}, groups of "
+            f"{args.num_generations} ({args.num_off_policy} teacher), {args.per_device_train_batch_size} sequences per "
+            f"process × {args.gradient_accumulation_steps} accumulation steps, loss_type {args.loss_type} "
+            "(checked with use_cpu=true and bf16=false; the recipe itself is unchanged)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="luffy-trl convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("script", help="a LUFFY / verl launch script, or a file of key=value Hydra overrides")
     parser.add_argument("-o", "--output", help="write the recipe here instead of printing it")
     parser.add_argument("--gpus", type=int, help="processes to train on (default: trainer.nnodes × n_gpus_per_node)")
+    parser.add_argument("--check", action="store_true",
+                        help="also parse the recipe with luffy-trl train's parser (CPU, no model): exit 1 if it fails")
+    parser.add_argument("--allow_differences", action="store_true",
+                        help="exit 0 even when the recipe differs from the script or a flag is unknown")
     args = parser.parse_args(argv)
-    with open(args.script) as f:
-        overrides, _ = read_overrides(f.read())
+    try:
+        with open(args.script) as f:
+            overrides, _ = read_overrides(f.read())
+    except OSError as err:
+        print(f"luffy-trl convert: {err}", file=sys.stderr)
+        return 2
     if not overrides:
         print(f"luffy-trl convert: no key=value Hydra overrides found in {args.script}", file=sys.stderr)
         return 2
-    text = render(convert_overrides(overrides, gpus=args.gpus), source=args.script)
+    converted = convert_overrides(overrides, gpus=args.gpus)
+    text = render(converted, source=args.script)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
-    return 0
+    report, same = summary(converted, len(overrides))
+    sys.stderr.write(report + (f"  wrote {args.output}\n" if args.output else ""))
+    if args.check:
+        import tempfile
+
+        from luffy_trl.train import UsageError
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = args.output or f"{folder}/recipe.yaml"
+            if not args.output:
+                with open(path, "w") as f:
+                    f.write(text)
+            try:
+                print(f"  check: {check_recipe(path)}", file=sys.stderr)
+            except (UsageError, ValueError) as err:
+                print(f"  check FAILED: {err}", file=sys.stderr)
+                return 1
+    return 0 if same or args.allow_differences else 1

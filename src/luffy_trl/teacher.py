@@ -97,6 +97,7 @@ def teacher_traces(value, *, column: str = "target", row: int | None = None) -> 
         return [(i, _trajectory(v, column, row)) for i, v in enumerate(value)]
     if isinstance(value, str):
         return [(0, value)] if value.strip() else []
+    original = value
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, Sequence) or hasattr(value, "tolist"):
@@ -116,11 +117,44 @@ def teacher_traces(value, *, column: str = "target", row: int | None = None) -> 
         else:
             return traces
     where = f" (row {row})" if row is not None else ""
+    kind = type(original).__name__
+    if isinstance(original, dict) and "content" not in original:
+        kind = f"dict without a 'content' key (keys: {sorted(map(str, original))})"
     raise TypeError(
-        f"Column {column!r}{where} holds a {type(value).__name__} that is not a teacher completion: expected a "
+        f"Column {column!r}{where} holds a {kind} that is not a teacher completion: expected a "
         "string, a list of {'role': 'assistant', 'content': str} messages (LUFFY's format) or a list of strings. "
-        f"Got: {str(value)[:120]!r}. Fix the dataset or set off_policy_column to the right column."
+        f"Got: {str(original)[:120]!r}. Fix the dataset or set off_policy_column to the right column."
     )
+
+
+# Rows of the training set whose teacher column is read at construction to warn about missing traces.
+ROWS_CHECKED_FOR_TRACES = 512
+
+
+def missing_trace_warning(train_dataset, column: str, rows: int = ROWS_CHECKED_FOR_TRACES) -> str | None:
+    """A warning when most of the first `rows` rows of `train_dataset` have no teacher trace in `column` (None when
+    the dataset cannot be read by column, or when most rows have one). Without a trace a row's group is all
+    on-policy, so a column that is mostly empty trains (mostly) plain GRPO; the run still goes on, since a partial
+    column is legitimate (an `all_fail`-style dataset, a live teacher that fills the gaps)."""
+    if not hasattr(train_dataset, "select") or column not in getattr(train_dataset, "column_names", ()):
+        return None
+    head = train_dataset.select(range(min(rows, len(train_dataset))))
+    values = head[column]
+    if not values:
+        return None
+    missing = 0
+    for value in values:
+        try:
+            missing += not teacher_texts(value, column=column)
+        except TypeError:
+            continue  # malformed values are refused elsewhere (type-checked at construction, counted in training)
+    if missing * 2 <= len(values):
+        return None
+    share = "none" if missing == len(values) else f"only {len(values) - missing}"
+    return (f"{share} of the first {len(values)} rows of train_dataset have a teacher trace in column {column!r}: "
+            f"groups without a trace are plain GRPO groups (counted in off_policy/missing). Check off_policy_column "
+            "(LUFFY's data call it 'target'), or set num_off_policy=0 (with on_policy_clip=True) to train plain GRPO "
+            "on purpose.")
 
 
 def _is_number(x) -> bool:

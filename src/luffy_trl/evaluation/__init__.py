@@ -6,7 +6,7 @@ vLLM), `benchmarks` (LUFFY's benchmark names), `runner` (problems, cache, genera
 
     from luffy_trl.evaluation import LUFFY, TransformersBackend, evaluate, load_problems, luffy_benchmark
 
-    problems = load_problems(luffy_benchmark("math", "../shared/data/benchmarks"), max_problems=20)
+    problems = load_problems(luffy_benchmark("math"), max_problems=20)  # LUFFY's files ship with the package
     summary = evaluate(TransformersBackend(model, tokenizer), problems, LUFFY.with_overrides(max_new_tokens=1024))
 
 See docs/evaluation.md.
@@ -20,7 +20,7 @@ _LAZY = {
     "Generation": "backends", "TransformersBackend": "backends", "VLLMBackend": "backends", "load_backend": "backends",
     "BenchmarkSpec": "runner", "Problem": "runner", "luffy_benchmark": "runner", "load_problems": "runner",
     "GenerationCache": "runner", "evaluate": "runner", "run_evaluation": "runner",
-    "LUFFY_MATH_BENCHMARKS": "benchmarks", "LUFFY_OOD_BENCHMARKS": "benchmarks",
+    "LUFFY_MATH_BENCHMARKS": "benchmarks", "LUFFY_OOD_BENCHMARKS": "benchmarks", "benchmark_dir": "benchmarks",
     "markdown_table": "report", "write_reports": "report",
     "LuffyEvalCallback": "callback",
     "EvalArguments": "cli",

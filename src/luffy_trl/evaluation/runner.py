@@ -21,7 +21,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from luffy_trl.evaluation.backends import Generation
-from luffy_trl.evaluation.benchmarks import LUFFY_MATH_BENCHMARKS, LUFFY_OOD_BENCHMARKS  # noqa: F401 (re-exported)
+from luffy_trl.evaluation.benchmarks import (  # noqa: F401 (LUFFY_MATH_BENCHMARKS re-exported)
+    LUFFY_MATH_BENCHMARKS,
+    LUFFY_OOD_BENCHMARKS,
+    benchmark_dir,
+)
 from luffy_trl.evaluation.metrics import ScoredSample, average_metrics, benchmark_metrics, default_pass_ks
 from luffy_trl.evaluation.protocols import Protocol
 from luffy_trl.evaluation.report import write_reports
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SCORERS = ("math", "choice")
 CACHE_FILE = "generations.jsonl"
+SCORES_FILE = "scores.jsonl"  # one line per scored sample, for statistics over problems (luffy_trl.evaluation.stats)
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -41,8 +46,10 @@ class BenchmarkSpec:
         name: the benchmark's name in the results.
         path: a local file (`.parquet`, `.json`, `.jsonl`, `.csv`), a local folder or a Hub dataset.
         split: the split to read (a local file is read as `"train"`).
-        prompt_column: a string or a list of `{"role", "content"}` messages.
-        gold_column: the gold answer; None reads `reward_model.ground_truth` (LUFFY's files) or `ground_truth`.
+        prompt_column: a string or a list of `{"role", "content"}` messages; None: `prompt`, else `problem`, else
+            `question`.
+        gold_column: the gold answer; None reads `reward_model.ground_truth` (LUFFY's files), `ground_truth` or
+            `answer`.
         data_source: keep only the rows whose `data_source` column equals this (LUFFY's `valid.all.parquet`).
         scorer: `"math"` (math-verify) or `"choice"` (option letters).
     """
@@ -50,7 +57,7 @@ class BenchmarkSpec:
     name: str
     path: str
     split: str = "train"
-    prompt_column: str = "prompt"
+    prompt_column: str | None = None
     gold_column: str | None = None
     data_source: str | None = None
     scorer: str = "math"
@@ -60,11 +67,12 @@ class BenchmarkSpec:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
 
 
-def luffy_benchmark(name: str, data_dir: str | Path) -> BenchmarkSpec:
+def luffy_benchmark(name: str, data_dir: str | Path | None = None) -> BenchmarkSpec:
     """A LUFFY benchmark (`aime`, `aime25`, `amc`, `math`, `minerva`, `olympiad_bench`, `arc_c`, `gpqa`,
-    `mmlu_pro`, or any `data_source` of `valid.all.parquet`) in LUFFY's data folder: `valid.<name>.parquet` when it
-    exists, else the rows of `valid.all.parquet` whose `data_source` is `name`."""
-    data_dir = Path(data_dir)
+    `mmlu_pro`, or any `data_source` of `valid.all.parquet`) in LUFFY's data folder (default: the copy shipped with
+    luffy-trl, `benchmark_dir()`): `valid.<name>.parquet` when it exists, else the rows of `valid.all.parquet` whose
+    `data_source` is `name`."""
+    data_dir = benchmark_dir() if data_dir is None else Path(data_dir)
     scorer = "choice" if name in LUFFY_OOD_BENCHMARKS else "math"
     own_file = data_dir / f"valid.{name}.parquet"
     if own_file.exists():
@@ -102,6 +110,30 @@ def _load_table(path: str, split: str):
     return load_dataset(str(local) if local.is_dir() else path, split=split)
 
 
+PROMPT_COLUMNS = ("prompt", "problem", "question")
+
+
+def _problem_columns(spec: BenchmarkSpec, columns: Sequence[str]) -> tuple[str, str | None]:
+    """The prompt and gold columns of a benchmark's table: the spec's, else the first of the usual names present
+    (gold None: LUFFY's `reward_model.ground_truth` or a `ground_truth` column)."""
+    columns = list(columns)
+    luffy_gold = bool({"reward_model", "ground_truth"} & set(columns))
+    prompt = spec.prompt_column or next((c for c in PROMPT_COLUMNS if c in columns), None)
+    gold = spec.gold_column
+    if gold is None and not luffy_gold and "answer" in columns:
+        gold = "answer"
+    where = f"benchmark {spec.name!r} ({spec.path})"
+    if prompt not in columns:
+        named = f" {spec.prompt_column!r}" if spec.prompt_column else ""
+        raise ValueError(f"{where}: no prompt column{named} among {columns}; set prompt_column (default: the first "
+                         f"of {', '.join(PROMPT_COLUMNS)}).")
+    if (gold not in columns) if gold is not None else not luffy_gold:
+        named = f" {spec.gold_column!r}" if spec.gold_column else ""
+        raise ValueError(f"{where}: no gold answer column{named} among {columns}; set gold_column (default: "
+                         "reward_model.ground_truth, ground_truth or answer).")
+    return prompt, gold
+
+
 def load_problems(spec: BenchmarkSpec, system_prompt: str = "drop", max_problems: int | None = None) -> list[Problem]:
     """The distinct problems of a benchmark in file order (the first `max_problems` of them); identical rows (same
     prompt and gold) are one problem with `copies` > 1. `system_prompt` as in `luffy_trl.data.set_system_prompt`."""
@@ -110,12 +142,13 @@ def load_problems(spec: BenchmarkSpec, system_prompt: str = "drop", max_problems
     dataset = _load_table(spec.path, spec.split)
     if spec.data_source is not None:
         dataset = dataset.filter(lambda source: source == spec.data_source, input_columns="data_source")
-    if spec.prompt_column != "prompt":
+    prompt_column, gold_column = _problem_columns(spec, dataset.column_names)
+    if prompt_column != "prompt":
         dataset = dataset.remove_columns([c for c in ("prompt",) if c in dataset.column_names])
-        dataset = dataset.rename_column(spec.prompt_column, "prompt")
-    if spec.gold_column is not None and spec.gold_column != "ground_truth":
+        dataset = dataset.rename_column(prompt_column, "prompt")
+    if gold_column is not None and gold_column != "ground_truth":
         drop = [c for c in ("reward_model", "ground_truth") if c in dataset.column_names]
-        dataset = dataset.remove_columns(drop).rename_column(spec.gold_column, "ground_truth")
+        dataset = dataset.remove_columns(drop).rename_column(gold_column, "ground_truth")
     keep = {"prompt", "ground_truth", "reward_model"}
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     prepared, _ = prepare_luffy_dataset(dataset, system_prompt=system_prompt)
@@ -289,11 +322,33 @@ def evaluate(backend, problems: Sequence[Problem], protocol: Protocol, *, cache:
     return summarize(requests, samples, pass_ks)
 
 
+def write_scores(requests: Sequence[Request], samples: Sequence[ScoredSample], path: str | Path) -> None:
+    """Every scored sample as a JSON line: `benchmark`, `problem`, `sample`, `score` (None: unparseable gold),
+    `boxed`, `truncated`, `num_tokens`."""
+    with Path(path).open("w") as out:
+        for request, sample in zip(requests, samples, strict=True):
+            benchmark, problem, index = request.key
+            out.write(json.dumps({"benchmark": benchmark, "problem": problem, "sample": index, **asdict(sample)})
+                      + "\n")
+
+
+def problem_scores(path: str | Path, benchmark: str) -> dict[str, float]:
+    """Problem id -> mean score over its samples (an unparseable gold counts 0), from a `scores.jsonl`."""
+    totals: dict[str, list[float]] = {}
+    with Path(path).open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            if record["benchmark"] == benchmark:
+                totals.setdefault(record["problem"], []).append(record["score"] or 0.0)
+    return {problem: sum(values) / len(values) for problem, values in totals.items()}
+
+
 def run_evaluation(backend, problems: Sequence[Problem], protocol: Protocol, output_dir: str | Path, *,
                    model_name: str, model_id: str | None = None, batch_size: int | None = None,
                    pass_ks: Sequence[int] | None = None, progress: bool = True) -> dict:
     """`evaluate` with the generations cached in `output_dir/generations.jsonl` (resumed when it exists), then
-    `results.json`, `results.md` and `results.png` written to `output_dir` (see `luffy_trl.evaluation.report`).
+    `results.json`, `results.md` and `results.png` written to `output_dir` (see `luffy_trl.evaluation.report`), and
+    every scored sample in `scores.jsonl`.
     `model_name` labels the results; `model_id` (default `model_name`) identifies the weights in the cache keys:
     the cache cannot tell that the weights behind an id changed, so use a new `output_dir` for new weights.
 
@@ -314,5 +369,6 @@ def run_evaluation(backend, problems: Sequence[Problem], protocol: Protocol, out
                 "from_cache": len(requests) - generated, "backend": backend.name},
     }
     write_reports(results, output_dir)
+    write_scores(requests, samples, output_dir / SCORES_FILE)
     logger.info("evaluated %s in %.1f s (%d samples generated)", model_name, results["run"]["wall_seconds"], generated)
     return results

@@ -3,6 +3,8 @@
 Each row has a chat `prompt`, a worked `target` solution that ends with `\\boxed{answer}` (scored by
 `luffy_trl.rewards.math_reward`) and a `ground_truth`. Problems are two-digit additions and subtractions phrased as
 short stories; the teacher solution works column by column, so a weak model sees how to carry.
+`harder_dataset` holds problems no trace shows: three-digit operands and two operations in one story, for a held-out
+set that copying the traces' template cannot solve.
 """
 
 from __future__ import annotations
@@ -64,6 +66,41 @@ def arithmetic_dataset(num_rows: int = 256, seed: int = 0, stories=None, exclude
         question = story.format(a=a, b=b) + " Put the final answer in \\boxed{}."
         if question in exclude:
             continue
+        rows.append({"prompt": [{"role": "user", "content": question}], "target": solution,
+                     "ground_truth": str(result)})
+    return Dataset.from_list(rows)
+
+
+# Two operations on three-digit numbers: a held-out set beyond the traces (no training row has either feature).
+HARDER_STORIES = [
+    ("A warehouse had {a} boxes. It received {b} more boxes and then shipped {c}. How many boxes are in the warehouse "
+     "now?", "+-"),
+    ("A school has {a} students. {b} new students join and {c} more join later. How many students does the school have "
+     "now?", "++"),
+    ("A tank held {a} liters of water. {b} liters were pumped out and then {c} liters were pumped out again. How many "
+     "liters are left?", "--"),
+    ("A stadium had {a} seats. {b} seats were removed and {c} new seats were installed. How many seats does it have "
+     "now?", "-+"),
+]
+
+
+def harder_dataset(num_rows: int = 256, seed: int = 0, exclude=()):
+    """`num_rows` two-operation word problems on three-digit numbers (`HARDER_STORIES`), columns `prompt`, `target`
+    (a short worked solution) and `ground_truth`; every intermediate result stays positive."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    exclude, rows = set(exclude), []
+    while len(rows) < num_rows:
+        story, ops = rng.choice(HARDER_STORIES)
+        a, b, c = rng.randint(300, 999), rng.randint(100, 299), rng.randint(100, 299)
+        first = a + b if ops[0] == "+" else a - b
+        result = first + c if ops[1] == "+" else first - c
+        question = story.format(a=a, b=b, c=c) + " Put the final answer in \\boxed{}."
+        if question in exclude or result <= 0:
+            continue
+        solution = (f"First {a} {ops[0]} {b} = {first}. Then {first} {ops[1]} {c} = {result}. "
+                    f"So the answer is \\boxed{{{result}}}.")
         rows.append({"prompt": [{"role": "user", "content": question}], "target": solution,
                      "ground_truth": str(result)})
     return Dataset.from_list(rows)

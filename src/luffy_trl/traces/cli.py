@@ -120,6 +120,9 @@ def output_paths(output: Path) -> tuple[Path, Path]:
 
 def main(args: TraceArguments):
     """Generate, verify and write the traces; returns (dataset, summary)."""
+    from luffy_trl.threads import configure_cpu_threads
+
+    configure_cpu_threads()
     from luffy_trl.evaluation.backends import load_tokenizer
     from luffy_trl.rewards import luffy_math_reward, math_reward
 
@@ -127,7 +130,10 @@ def main(args: TraceArguments):
     teacher = build_teacher(args)
     policy_tokenizer = None
     if args.policy_model:
-        policy_tokenizer = load_tokenizer(args.policy_model, gguf_file=args.policy_gguf_file)
+        from luffy_trl.model_paths import resolve_model
+
+        policy_model, policy_gguf = resolve_model(args.policy_model, args.policy_gguf_file)
+        policy_tokenizer = load_tokenizer(policy_model, gguf_file=policy_gguf)
     protocol = TRACES.with_overrides(num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed)
     output = Path(args.output)
@@ -146,3 +152,22 @@ def main(args: TraceArguments):
     print(summary)
     print(f"wrote {output} and {summary_path}")
     return traces, summary
+
+
+def run(args: TraceArguments) -> int:
+    """`main` as a command: exit status 0 when at least one problem got a trace, 1 when the run produced none,
+    2 when the teacher cannot be used (`TeacherError`: a dead URL, a wrong model name or key)."""
+    import sys
+
+    from luffy_trl.traces.teachers import TeacherError
+
+    try:
+        _, summary = main(args)
+    except TeacherError as err:
+        print(f"make_traces: {err}", file=sys.stderr)
+        return 2
+    if summary.problems_with_trace == 0:
+        print(f"make_traces: no problem got a trace ({summary.skipped} samples skipped by the teacher, "
+              f"{summary.correct} correct): nothing usable was produced.", file=sys.stderr)
+        return 1
+    return 0

@@ -88,6 +88,8 @@ class OpenAITeacher:
         max_retries: further tries after a failure that may pass (connection error, timeout, HTTP 408/409/429/5xx,
             a reply that is not the expected JSON); then the request is skipped and counted.
         backoff: seconds before the first retry; doubled each retry (with ±25 % jitter), at most `max_backoff`.
+        fail_fast_after: attempts that fail to connect, with no success yet, after which `TeacherError` is raised
+            (a dead URL fails in seconds, not after every request's retries).
         extra_body: more JSON fields for every request (e.g. `{"top_k": 20}` for vLLM).
         tokenizer: the teacher's tokenizer (only used to template prompts for `api="completions"`).
 
@@ -99,6 +101,7 @@ class OpenAITeacher:
 
     def __init__(self, base_url: str, model: str, *, api: str = "chat", api_key: str | None = None,
                  concurrency: int = 8, timeout: float = 600.0, max_retries: int = 3, backoff: float = 1.0,
+                 fail_fast_after: int = 8,
                  max_backoff: float = 30.0, extra_body: dict | None = None, tokenizer=None):
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
@@ -111,6 +114,7 @@ class OpenAITeacher:
         self.api_key = api_key
         self.concurrency = concurrency
         self.timeout = timeout
+        self.fail_fast_after = fail_fast_after
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -178,6 +182,17 @@ class OpenAITeacher:
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
             raise _Retry("malformed", f"unexpected reply ({err}): {str(reply)[:120]!r}") from err
 
+    def _fail_if_unreachable(self, err) -> None:
+        """Raise `TeacherError` once `fail_fast_after` attempts failed to connect while none ever succeeded: a dead
+        URL fails in seconds instead of retrying every request with backoff."""
+        with self._lock:
+            self.stats["connection_failures"] += 1
+            dead = self.stats["ok"] == 0 and self.stats["connection_failures"] >= self.fail_fast_after
+        if dead:
+            raise TeacherError(f"cannot reach the teacher at {self.base_url}: the first {self.fail_fast_after} "
+                               f"attempts all failed to connect ({err}) and none succeeded. Check that the server "
+                               "is running and the URL (it should end in /v1).")
+
     def _count(self, key: str) -> None:
         with self._lock:
             self.stats[key] += 1
@@ -200,6 +215,8 @@ class OpenAITeacher:
                 logger.warning("teacher skipped a request (%s): %s", err.reason, err)
                 return None
             except _Retry as err:
+                if err.reason == "connection":
+                    self._fail_if_unreachable(err)
                 if attempt == self.max_retries:
                     self._count("skipped")
                     self._count(f"skipped/{err.reason}")

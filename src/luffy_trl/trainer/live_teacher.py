@@ -41,8 +41,15 @@ from luffy_trl.trainer.generation import IS_OFF_POLICY, teacher_slot
 logger = logging.getLogger("luffy_trl.trainer")
 LIVE_CACHE_FILE = "live_teacher_generations.jsonl"
 # Logged every training batch while the live teacher is on (docs/metrics.md).
-LIVE_COUNTERS = ("requested", "arrived", "verified", "unsolved", "skipped_samples", "pending", "filled",
-                 "cache_size", "wait_seconds", "latency_seconds")
+LIVE_COUNTERS = ("requested", "arrived", "verified", "unsolved", "skipped_samples", "failed_attempts", "pending",
+                 "filled", "cache_size", "wait_seconds", "latency_seconds")
+
+
+def failed_attempts(teacher) -> int:
+    """The teacher's failed attempts so far (retries and skips of an HTTP teacher; 0 for a local one), so that a
+    struggling teacher shows in the logs while requests are still being retried."""
+    stats = getattr(teacher, "stats", {})
+    return sum(count for key, count in stats.items() if key.startswith(("retry/", "skipped/")))
 
 
 def prompt_key(prompt, gold) -> str:
@@ -122,6 +129,7 @@ class LiveTeacherMixin:
                 try:  # an error here must reach every process (they wait in the broadcast below)
                     payload = [{"traces": self._live_verify(arrivals), "arrived": len(arrivals),
                                 "skipped_samples": sum(a.skipped for a in arrivals), "pending": client.in_flight,
+                                "failed_attempts": failed_attempts(client.teacher),
                                 "latency_seconds": (sum(a.seconds for a in arrivals) / len(arrivals)
                                                     if arrivals else 0.0)}]
                 except Exception as err:  # noqa: BLE001

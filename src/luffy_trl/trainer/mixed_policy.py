@@ -17,7 +17,7 @@ from luffy_trl.config import MixedPolicyGRPOConfig, on_policy_ratio_departures
 from luffy_trl.guidance import on_policy_group_accuracy, participating_teacher_rows, trigger_fired
 from luffy_trl.losses import SUPPORTED_LOSS_TYPES
 from luffy_trl.objectives import PPO_LOSS_TYPES
-from luffy_trl.teacher import TeacherTokenizer, TeacherTrajectory, teacher_texts
+from luffy_trl.teacher import TeacherTokenizer, TeacherTrajectory, missing_trace_warning, teacher_texts
 from luffy_trl.trainer.checkpoint import GenerationCheckpointMixin
 from luffy_trl.trainer.generation import (
     IS_OFF_POLICY,
@@ -101,6 +101,8 @@ class MixedPolicyGRPOTrainer(
                 "luffy_trl.MixedPolicyGRPOConfig(...) (it accepts every GRPOConfig field)."
             )
         self._check_supported(args, train_dataset, kwargs)
+        if args.num_off_policy > 0 and (warning := missing_trace_warning(train_dataset, args.off_policy_column)):
+            logger.warning(warning)
         self._warn_unclipped_ratio(args)
         live_teacher = kwargs.pop("live_teacher", None)  # luffy_trl.trainer.live_teacher
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -1,0 +1,162 @@
+"""The report of examples/real_model_study.py: the learning-rate grid, the table of means with 95% intervals per
+held-out set, paired differences, validation curves with seed bands and the mechanism figures.
+
+    python examples/real_model_study.py report --output_dir outputs/study
+
+Writes `report.md`, `report.json`, `curves_<regime>.png` and `mechanism_<regime>.png` to the study's folder. Only
+results of the current protocol are read (a result of another protocol is an error: start a new folder).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import real_model_study as study
+
+from luffy_trl.evaluation.runner import problem_scores
+from luffy_trl.evaluation.stats import bootstrap_mean, paired_difference
+
+
+def load_runs(root: pathlib.Path) -> list[dict]:
+    runs = []
+    for path in sorted((root / "runs").glob("*/*/lr*/seed*/result.json")):
+        result = json.loads(path.read_text())
+        if result["protocol"] != study.protocol_hash():
+            raise ValueError(f"{path} belongs to protocol {result['protocol']}, not {study.protocol_hash()}: keep "
+                             "each protocol's runs in a folder of their own")
+        result["folder"] = path.parent
+        runs.append(result)
+    return runs
+
+
+def score_matrix(runs: list[dict], heldout: str):
+    """(seeds, problems) per-problem accuracies of `runs` on a held-out set, problems in one fixed order."""
+    per_run = [problem_scores(run["folder"] / "eval" / heldout / "scores.jsonl", heldout) for run in runs]
+    problems = sorted(per_run[0])
+    return [[scores[p] for p in problems] for scores in per_run]
+
+
+def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[list[str], dict]:
+    lines, data = [f"## Regime {regime}", ""], {"grid": [], "table": {}, "differences": {}}
+    chosen = study.chosen_rates(root, regime)
+    base_path = root / "runs" / regime / "base" / "result.json"
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    lines += ["### Learning-rate grid (seed 0, final validation accuracy)", "", "| arm | rate | validation accuracy "
+              "(final) | best along the curve | chosen |", "|---|---|---|---|---|"]
+    for arm in study.MAIN_ARMS:
+        for lr in study.PROTOCOL["lr_grid"][arm]:
+            run = next((r for r in runs if (r["arm"], r["lr"], r["seed"]) == (arm, lr, study.PROTOCOL["seeds"][0])),
+                       None)
+            if run is None:
+                lines.append(f"| {study.LABELS[arm]} | {lr:g} | (not run) | | |")
+                continue
+            curve = [point["accuracy"] for point in run["validation_curve"]]
+            data["grid"].append({"arm": arm, "lr": lr, "final": curve[-1], "best": max(curve)})
+            lines.append(f"| {study.LABELS[arm]} | {lr:g} | {curve[-1]:.3f} | {max(curve):.3f} | "
+                         f"{'✓' if chosen.get(arm) == lr else ''} |")
+    sets = list(study.PROTOCOL["heldout_seeds"])
+    lines += ["", "### Held-out accuracy: mean over seeds and problems [95% bootstrap interval]", "",
+              "| arm | rate | seeds | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
+    if base is not None:
+        lines.append("| base model (step 0) | | | " + " | ".join(f"{base[s]['accuracy']:.3f}" for s in sets) + " |")
+    groups = {}
+    for arm in (*study.MAIN_ARMS, *study.ABLATIONS):
+        lr = chosen.get("luffy" if arm in study.ABLATIONS else arm)
+        members = [r for r in runs if r["arm"] == arm and r["lr"] == lr]
+        if not members:
+            continue
+        groups[arm] = members
+        cells = []
+        for name in sets:
+            interval = bootstrap_mean(score_matrix(members, name))
+            data["table"].setdefault(arm, {})[name] = vars(interval)
+            cells.append(str(interval))
+        lines.append(f"| {study.LABELS[arm]} | {lr:g} | {len(members)} | " + " | ".join(cells) + " |")
+    for other in ("grpo", "sft"):
+        if "luffy" in groups and other in groups:
+            cells = []
+            for name in sets:
+                diff = paired_difference(score_matrix(groups["luffy"], name), score_matrix(groups[other], name))
+                data["differences"].setdefault(f"luffy-{other}", {})[name] = vars(diff)
+                cells.append(f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]")
+            lines.append(f"| LUFFY − {study.LABELS[other]} | | | " + " | ".join(cells) + " |")
+    plot_curves(root, regime, groups)
+    plot_mechanism(root, regime, groups)
+    lines += ["", f"![validation curves](curves_{regime}.png)", "", f"![mechanism](mechanism_{regime}.png)", ""]
+    return lines, data
+
+
+def _band(ax, xs, series, color, label):
+    import numpy as np
+
+    values = np.array(series, dtype=float)
+    ax.plot(xs, np.nanmean(values, axis=0), color=color, label=label)
+    if len(values) > 1:
+        ax.fill_between(xs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.2)
+
+
+def plot_curves(root: pathlib.Path, regime: str, groups: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, members in groups.items():
+        steps = [p["step"] for p in members[0]["validation_curve"]]
+        for ax, key in zip(axes, ("accuracy", "boxed_rate")):
+            _band(ax, steps, [[p[key] for p in r["validation_curve"]] for r in members], study.COLORS[arm],
+                  f"{study.LABELS[arm]} ({len(members)} seed{'s' * (len(members) > 1)})")
+    for ax, title in zip(axes, ("Validation accuracy (greedy)", "Validation \\boxed{} rate")):
+        ax.set(title=title, xlabel="step", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"SmolLM2-135M-Instruct + LoRA, regime {regime}: mean over seeds, band = min-max")
+    fig.tight_layout()
+    fig.savefig(root / f"curves_{regime}.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_mechanism(root: pathlib.Path, regime: str, groups: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in study.MECHANISM if any(k in r["mechanism"] for rs in groups.values() for r in rs)]
+    if not keys:
+        return
+    columns = 3
+    rows = -(-len(keys) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(15, 3.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for arm, members in groups.items():
+            series = [r["mechanism"][key] for r in members if key in r["mechanism"]]
+            if series:
+                width = min(len(s) for s in series)
+                _band(ax, range(1, width + 1), [[float("nan") if v is None else v for v in s[:width]]
+                                                for s in series], study.COLORS[arm], study.LABELS[arm])
+        ax.set(title=key, xlabel="step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / f"mechanism_{regime}.png", dpi=90)
+    plt.close(fig)
+
+
+def report(root: pathlib.Path) -> str:
+    runs = load_runs(root)
+    lines = [f"# Real-model study (protocol {study.protocol_hash()})", "", study.plan(root), ""]
+    data = {"protocol": study.PROTOCOL, "hash": study.protocol_hash(), "regimes": {}}
+    for regime in study.PROTOCOL["regimes"]:
+        members = [r for r in runs if r["regime"] == regime]
+        if members:
+            section, data["regimes"][regime] = regime_report(root, regime, members)
+            lines += section
+    text = "\n".join(lines) + "\n"
+    (root / "report.md").write_text(text)
+    (root / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    return text

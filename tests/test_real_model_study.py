@@ -1,0 +1,89 @@
+"""examples/real_model_study.py: the fixed protocol's data, the run plan and rate choice, the report's intervals,
+and one real run end to end (a tiny budget)."""
+
+import json
+
+import pytest
+from conftest import requires_smollm
+from test_examples import load
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load("real_model_study")
+
+
+def test_protocol_data_are_disjoint_fixed_and_phrased_per_regime(study):
+    a, b = study.datasets("a"), study.datasets("b")
+    question = lambda d: [m[-1]["content"] for m in d["prompt"]]  # noqa: E731
+    train = set(question(a["train"]))
+    for name in ("validation", "id", "wording", "harder"):
+        assert not set(question(a[name])) & train, name
+        assert len(a[name]) == (100 if name == "validation" else 200)
+    assert not set(question(a["validation"])) & set(question(a["id"]))
+    assert all(q.endswith("Put the final answer in \\boxed{}.") for q in question(a["id"]))
+    assert all(q.endswith("for example \\boxed{57}.") for q in question(b["id"]))
+    assert [q.rsplit(" Put", 1)[0] for q in question(a["harder"])] == \
+           [q.rsplit(" Give", 1)[0] for q in question(b["harder"])]  # the same problems in both regimes
+    assert question(study.datasets("a")["wording"]) == question(a["wording"])  # fixed: the same on every call
+    assert len(study.protocol_hash()) == 12
+
+
+def fake_run(study, root, regime, arm, lr, seed, accuracy, correct):
+    """A result.json and scores.jsonl as run_one writes them: `correct[set]` = per-problem scores."""
+    folder = study.run_dir(root, regime, arm, lr, seed)
+    for name, scores in correct.items():
+        (folder / "eval" / name).mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps({"benchmark": name, "problem": f"p{i}", "sample": 0, "score": s, "boxed": True,
+                             "truncated": False, "num_tokens": 5}) for i, s in enumerate(scores)]
+        (folder / "eval" / name / "scores.jsonl").write_text("\n".join(lines) + "\n")
+    result = {"protocol": study.protocol_hash(), "regime": regime, "arm": arm, "lr": lr, "seed": seed,
+              "validation_curve": [{"step": 20, "accuracy": accuracy / 2, "boxed_rate": 0.5},
+                                   {"step": 100, "accuracy": accuracy, "boxed_rate": 0.9}],
+              "heldout": {}, "mechanism": {"on_policy/reward_mean": [0.0, accuracy]}}
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def test_rates_are_chosen_on_validation_and_the_report_has_intervals(study, tmp_path):
+    grid = study.PROTOCOL["lr_grid"]
+    sets = list(study.PROTOCOL["heldout_seeds"])
+    plan = study.planned_runs(tmp_path)
+    assert len(plan) == 2 * 9 and {run[3] for run in plan} == {0}  # only the grids until they are done
+    for arm, accuracies in (("grpo", (0.1, 0.3, 0.3)), ("luffy", (0.2, 0.6, 0.4)), ("sft", (0.5, 0.4, 0.1))):
+        for lr, accuracy in zip(grid[arm], accuracies):
+            fake_run(study, tmp_path, "a", arm, lr, 0, accuracy, {s: [1.0, 0.0, 1.0, 0.0] for s in sets})
+    chosen = study.chosen_rates(tmp_path, "a")
+    assert chosen == {"grpo": grid["grpo"][1], "luffy": grid["luffy"][1], "sft": grid["sft"][0]}  # ties: smaller
+    pending = [r for r in study.planned_runs(tmp_path) if r[0] == "a" and r[3] != 0 or r[1] in study.ABLATIONS]
+    assert {(r[1], r[2]) for r in pending} == {("grpo", chosen["grpo"]), ("luffy", chosen["luffy"]),
+                                               ("sft", chosen["sft"]), ("rl_sft_loss", chosen["luffy"]),
+                                               ("no_shaping", chosen["luffy"])}
+    for seed in (1, 2):
+        fake_run(study, tmp_path, "a", "luffy", chosen["luffy"], seed, 0.6, {s: [1.0, 1.0, 1.0, 0.0] for s in sets})
+        fake_run(study, tmp_path, "a", "grpo", chosen["grpo"], seed, 0.3, {s: [1.0, 0.0, 0.0, 0.0] for s in sets})
+    report = load("real_model_study_report")
+    text = report.report(tmp_path)
+    assert "| LUFFY (7 + 1, shaping) | 0.0003 | 3 |" in text and "LUFFY − GRPO (8 sampled, clip)" in text
+    data = json.loads((tmp_path / "report.json").read_text())
+    luffy_id = data["regimes"]["a"]["table"]["luffy"]["id"]
+    assert luffy_id["mean"] == pytest.approx((0.5 + 0.75 + 0.75) / 3) and luffy_id["seeds"] == 3
+    assert luffy_id["low"] <= luffy_id["mean"] <= luffy_id["high"]
+    assert (tmp_path / "curves_a.png").exists() and (tmp_path / "mechanism_a.png").exists()
+
+
+@requires_smollm
+@pytest.mark.slow
+@pytest.mark.smollm
+def test_one_real_run_end_to_end(study, tmp_path, monkeypatch):
+    for key, value in (("steps", 1), ("eval_every", 1), ("group", 2), ("prompts_per_step", 1),
+                       ("max_completion", 8), ("heldout_rows", 3), ("validation", {"rows": 3, "seed": 4000})):
+        monkeypatch.setitem(study.PROTOCOL, key, value)
+    result = study.run_one(tmp_path, "a", "luffy", 1e-3, 0)
+    folder = study.run_dir(tmp_path, "a", "luffy", 1e-3, 0)
+    assert (folder / "adapter" / "adapter_config.json").exists()
+    assert [point["step"] for point in result["validation_curve"]] == [1]
+    assert set(result["heldout"]) == {"id", "wording", "harder"}
+    assert all((folder / "eval" / name / "scores.jsonl").exists() for name in result["heldout"])
+    assert {"on_policy/reward_mean", "rewards/boxed_rate/mean", "off_policy/shaping_weight_mean"} <= \
+        set(result["mechanism"])
+    assert study.run_one(tmp_path, "a", "luffy", 1e-3, 0) == result  # cached: not trained again
