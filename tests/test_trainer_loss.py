@@ -378,3 +378,31 @@ def test_teacher_rows_with_every_on_policy_objective(tokenizer, tmp_path, loss_t
         torch.testing.assert_close(got_grads[name], expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
     if loss_type == "vespo":
         assert trainer._metrics["train"]["vespo/phi_seq_mean"][-1] != pytest.approx(1.0)  # the weight acted
+
+
+@pytest.mark.parametrize("loss_type", ["luffy", "dr_grpo", "bnpo"])
+def test_loss_term_grad_norms_are_the_gradients_of_each_rows_term(tokenizer, tmp_path, loss_type):
+    """`log_loss_term_grad_norms`: the on-policy term's gradient is the loss's gradient with the teacher rows'
+    advantages set to 0 (their term vanishes, the normaliser stays), and the teacher term's the other way round."""
+    trainer = make_trainer(tokenizer, tmp_path, loss_type=loss_type, log_loss_term_grad_norms=True,
+                           entropy_coef=0.0)
+    model = trainer.model
+    inputs = make_inputs(len(tokenizer))
+    off = inputs["is_off_policy"]
+
+    def grad_norm(advantages):
+        loss = trainer._compute_loss(model, {**inputs, "advantages": advantages})
+        grads = grads_of(model, loss)
+        return torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
+
+    trainer._metrics["train"].clear()
+    trainer.accelerator.gradient_state._set_sync_gradients(True)  # the micro-batch that ends an optimiser step
+    total = trainer._compute_loss(model, inputs)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("loss_terms/")}
+    assert set(logged) == {"loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm"}
+    trainer.args.log_loss_term_grad_norms = False
+    expected_on = grad_norm(torch.where(off, 0.0, inputs["advantages"]))
+    expected_off = grad_norm(torch.where(off, inputs["advantages"], 0.0))
+    assert logged["loss_terms/on_policy_grad_norm"] == pytest.approx(expected_on, rel=1e-5)
+    assert logged["loss_terms/off_policy_grad_norm"] == pytest.approx(expected_off, rel=1e-5)
+    assert expected_on > 0 and expected_off > 0 and total.requires_grad

@@ -337,6 +337,16 @@ class MixedPolicyGRPOConfig(GRPOConfig):
     sft_loss_coef: float = field(
         default=1.0, metadata={"help": "Coefficient of the SFT term with off_policy_loss='sft'."}
     )
+    log_loss_term_grad_norms: bool = field(
+        default=False,
+        metadata={
+            "help": "Log, per optimiser step, the gradient norm of the loss's on-policy term and of its teacher term "
+            "separately (loss_terms/on_policy_grad_norm, loss_terms/off_policy_grad_norm; the entropy bonus and the "
+            "MoE aux loss are in neither). A diagnostic of what drives training: two extra backward passes per "
+            "micro-batch over the trainable parameters and two gradient-sized buffers (small with LoRA). One process "
+            "only."
+        },
+    )
 
     padding_free_batches: bool = field(
         default=True,

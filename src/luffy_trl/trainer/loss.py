@@ -149,10 +149,7 @@ class MixedLossMixin:
             nominal_rows = batching["nominal_rows"]
             if self.args.max_token_prob is None:  # else the micro-batch's own kept tokens (its rows are TRL's)
                 bnpo_tokens = batching["on_policy_tokens" if sft else "tokens"]
-        loss = aggregate_loss(
-            per_token_loss,
-            pg_mask,
-            self.loss_type,
+        normaliser = dict(
             max_completion_length=self.max_completion_length,
             num_items_in_batch=inputs["num_items_in_batch"],
             num_processes=self.accelerator.num_processes,
@@ -162,6 +159,7 @@ class MixedLossMixin:
             nominal_rows=nominal_rows,
             bnpo_tokens=bnpo_tokens,
         )
+        loss = aggregate_loss(per_token_loss, pg_mask, self.loss_type, **normaliser)
         policy_loss = loss.detach() * ga if self.loss_type in GA_DIVIDED_LOSS_TYPES else loss.detach()
         accumulation = ga
         if self.loss_type in SUMMED_LOSS_TYPES:  # LUFFY sums micro-batch losses: Σ_k (pg_k − coef·H̄_k)
@@ -195,7 +193,30 @@ class MixedLossMixin:
 
         self._log_loss_metrics(mode, mask, off_rows, per_token_logps, entropies, losses,
                                per_token_kl if self.beta != 0.0 else None, sft_nll is not None)
+        if mode == "train" and self.args.log_loss_term_grad_norms:
+            # The normalisers are linear in the per-token loss: the two terms add up to the policy term.
+            on_term = aggregate_loss(per_token_loss * (~off_rows), pg_mask, self.loss_type, **normaliser)
+            off_term = aggregate_loss(per_token_loss * off_rows, pg_mask, self.loss_type, **normaliser)
+            if sft_nll is not None:
+                off_term = off_term + self.args.sft_loss_coef * off_policy_weight * sft_nll / accumulation
+            self._accumulate_term_grads(model, {"on_policy": on_term, "off_policy": off_term})
         return loss
+
+    def _accumulate_term_grads(self, model, terms: dict) -> None:
+        """`log_loss_term_grad_norms`: each term's gradient over the trainable parameters, summed over the micro-batches
+        of the optimiser step; at its last micro-batch the norms are logged as `loss_terms/<term>_grad_norm`."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        totals = getattr(self, "_term_grads", None) or {}
+        for name, term in terms.items():
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+            totals[name] = grads if name not in totals else [t + g for t, g in zip(totals[name], grads)]
+        self._term_grads = totals
+        if self.accelerator.sync_gradients:
+            for name, grads in totals.items():
+                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+                self._metrics["train"][f"loss_terms/{name}_grad_norm"].append(norm)
+            self._term_grads = None
 
     def _update_adaptive_entropy(self, entropies, effective_mask) -> None:
         """TRL 1.16's adaptive entropy controller (`use_adaptive_entropy`), from `GRPOTrainer._compute_loss`.

@@ -107,6 +107,11 @@ class MixedPolicyGRPOTrainer(
         live_teacher = kwargs.pop("live_teacher", None)  # luffy_trl.trainer.live_teacher
         super().__init__(model, reward_funcs, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          **kwargs)
+        if args.log_loss_term_grad_norms and (self.accelerator.num_processes > 1 or self.is_deepspeed_enabled
+                                              or self.is_fsdp_enabled):
+            raise ValueError("log_loss_term_grad_norms is a one-process diagnostic (it differentiates each term "
+                             "locally, outside DDP/ZeRO/FSDP's gradient reduction): run it with one process, or set "
+                             "it to False.")
         self.num_off_policy = args.num_off_policy
         # TRL masks truncated completions before scoring; a truncated teacher trace must still be trained on, so
         # luffy-trl applies `mask_truncated_completions` itself, to on-policy rows only.
