@@ -15,9 +15,12 @@
 * With `pack_sequences` (docs/batching.md, "Packed sequences"), the loss forward of each micro-batch and the
   no-grad forwards run over the rows packed into one sequence (`_packed_forward`): no padding at all, position ids
   restarting at 0 for every row, and the per-token results scattered back into TRL's (rows, completion) layout.
+  Only for a model that packs exactly (`luffy_trl.packing`): a family measured not to is never packed ('always' is
+  refused at construction), and every model is checked once at its first packed forward (`_packing_verified`).
 
-Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call and one gather of the token
-counters per training generation batch; both branches depend on config and mode only.
+Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call, one gather of the token
+counters per training generation batch, and once per run the packing check's forwards and the gather of its verdict;
+all branches depend on config and mode only.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import torch
 
 from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
+from luffy_trl.packing import NOT_PACKABLE, check_rows, model_type_of, packed_rows_agree, packing_support
 from luffy_trl.trainer.generation import IS_OFF_POLICY
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
@@ -59,11 +63,28 @@ class PaddingFreeBatchingMixin:
 
     _nograd_plan = None  # teacher flags, no-grad calls and tokens so far, while `_generate_and_score_completions` runs
     _packing_fallbacks = 0  # forwards that could not be packed (logged as `batching/packing_fallbacks`)
+    _packing_verdict = None  # None until decided; then whether this model packs exactly (`_packing_verified`)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._refuse_inexact_packing()
+
+    def _refuse_inexact_packing(self) -> None:
+        """`pack_sequences="always"` on a family measured not to pack exactly: refused (it would train wrong)."""
+        if getattr(self.args, "pack_sequences", "never") != "always" or not self._padding_free_enabled():
+            return
+        model_type = model_type_of(self.model)
+        status, reason = packing_support(model_type)
+        if status == NOT_PACKABLE:
+            raise ValueError(
+                f"pack_sequences='always' cannot train a {model_type!r} model exactly: {reason}; packed rows would "
+                "read each other and the gradients would be wrong. Use pack_sequences='auto' (packs only models "
+                "that pack exactly) or 'never'.")
 
     def _padding_free_enabled(self) -> bool:
         return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
 
-    def _packing_enabled(self) -> bool:
+    def _packing_requested(self) -> bool:
         """`pack_sequences`: 'always', 'never', or 'auto' = only with a varlen attention implementation."""
         mode = getattr(self.args, "pack_sequences", "never")
         if mode == "never" or not self._padding_free_enabled():
@@ -72,6 +93,75 @@ class PaddingFreeBatchingMixin:
             return True
         implementation = str(getattr(self.model.config, "_attn_implementation", None) or "")
         return any(name in implementation for name in VARLEN_ATTENTION)
+
+    def _packing_enabled(self) -> bool:
+        """Packing requested by `pack_sequences` and exact for this model (`_packing_verified`)."""
+        return self._packing_requested() and self._packing_verified()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Is packing exact for this model?
+    # ------------------------------------------------------------------------------------------------------------
+    def _packing_verified(self) -> bool:
+        """Decided once per run: never for a family measured not to pack exactly (`luffy_trl.packing.NOT_EXACT`);
+        otherwise (verified families too: the check also covers the attention implementation in use) a check at the
+        first call, which every process reaches at the same point (the first training generation batch): the last
+        of two packed rows must not change when the row before it changes, and must equal the row run alone. When it
+        fails, 'auto' falls back to the padded layout (one warning; `batching/packing_model_fallback` = 1) and
+        'always' is refused."""
+        if self._packing_verdict is not None:
+            return self._packing_verdict
+        model_type = model_type_of(self.model)
+        status, reason = packing_support(model_type)
+        verdict = status != NOT_PACKABLE and self._packing_check()
+        if not verdict:
+            if status != NOT_PACKABLE:
+                reason = (f"the check at the first packed forward found that packed rows of this {model_type!r} model "
+                          "do not give each row's own log-probs")
+            if getattr(self.args, "pack_sequences", "never") == "always":
+                raise ValueError(f"pack_sequences='always' cannot train this {model_type!r} model exactly: {reason}. "
+                                 "Use pack_sequences='auto' (packs only models that pack exactly) or 'never'.")
+            logger.warning("pack_sequences=%r: this %r model is not packed (%s); its micro-batches are cut to their "
+                           "longest row instead (exact, only slower). Logged as batching/packing_model_fallback = 1.",
+                           self.args.pack_sequences, model_type, reason)
+        self._packing_verdict = verdict
+        return verdict
+
+    def _packing_check(self) -> bool:
+        """Three tiny no-grad forwards on fixed tokens (the same on every process, in eval mode so that dropout
+        cannot differ), the verdict gathered so that every process decides alike."""
+        model = self.model
+        vocab = model.get_input_embeddings().num_embeddings
+        (first, last), other = check_rows(vocab)
+        device = self.accelerator.device
+        prompt = 3
+        width = max(len(first), len(last))
+        ids = torch.zeros(2, width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate((first, last)):
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+        ids, mask = ids.to(device), mask.to(device)
+        swapped = ids.clone()
+        swapped[0, : len(first)] = other[0].to(device)
+        keep = width - prompt
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                values = []
+                for batch in (ids, swapped):
+                    (index, _), logps, _, _, _ = self._packed_forward(model, batch, mask, keep, [0, 1])
+                    values.append(logps[index == 1])
+                alone, _, _ = super()._get_per_token_logps_and_entropies(
+                    model, ids[1:, : len(last)], mask[1:, : len(last)], len(last) - prompt, batch_size=1)
+        finally:
+            model.train(was_training)
+        dtype = next(model.parameters()).dtype
+        if getattr(self.args, "bf16", False) or getattr(self.args, "fp16", False):
+            dtype = torch.bfloat16  # autocast computes in half precision
+        tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 1e-1)  # rounding of the dtype
+        agree = packed_rows_agree(values[0], values[1], alone[0], tolerance)
+        verdicts = self.accelerator.gather(torch.tensor([float(agree)], device=device))
+        return bool(verdicts.min().item() > 0)
 
     # ------------------------------------------------------------------------------------------------------------
     # Training micro-batches
@@ -172,6 +262,8 @@ class PaddingFreeBatchingMixin:
         metrics["batching/fixed_batch_tokens"].append(baseline)
         if getattr(self.args, "pack_sequences", "never") != "never":
             metrics["batching/packing_fallbacks"].append(fallbacks)
+            if self._packing_requested():
+                metrics["batching/packing_model_fallback"].append(float(not self._packing_verified()))
 
     # ------------------------------------------------------------------------------------------------------------
     # No-grad forwards (old and reference log-probs)
