@@ -16,6 +16,7 @@ import math
 import warnings
 
 import pytest
+import torch
 from batching_cases import (
     assert_same_gradients,
     cache_generation,
@@ -164,6 +165,9 @@ def test_every_family_packs_exactly_or_is_not_packed(family, implementation):
 def _family_model(family: str, tokenizer):
     model = build(family, "sdpa" if family != "rwkv" else "eager", vocab_size=len(tokenizer),
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    for module in model.modules():  # training mode must not draw dropout masks (the arms are compared exactly)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     return model
 
 
@@ -186,15 +190,29 @@ def test_the_first_forward_check_agrees_with_the_measurement(checker, tokenizer,
     assert not model.training  # left as it was (eval here)
 
 
-def _family_trainer(tokenizer, out_dir, family, **overrides):
+def _two_prompt_lengths(n: int = 16):
+    """Addition problems whose prompts are short or much longer (the long ones end up in their own micro-batches, so
+    cutting prompt columns moves the short rows' positions)."""
+    from datasets import Dataset
+
+    rows = []
+    for i in range(n):
+        question = f"What is {i} + {i + 1}?" + " Think step by step." * (12 * (i % 2))
+        trace = f"{i} + {i + 1} = {2 * i + 1}. \\boxed{{{2 * i + 1}}}"
+        rows.append({"prompt": [{"role": "user", "content": question}], "ground_truth": str(2 * i + 1),
+                     "target": [{"role": "assistant", "content": trace}]})
+    return Dataset.from_list(rows)
+
+
+def _family_trainer(tokenizer, out_dir, family, dataset=None, **overrides):
     model = _family_model(family, tokenizer).train()
-    overrides = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4,
-                     num_generations=4, max_completion_length=24, entropy_coef=0.0, off_policy_trigger="all_fail",
-                     **overrides)
+    overrides = {**dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, steps_per_generation=4,
+                        num_generations=4, max_completion_length=24, entropy_coef=0.0, off_policy_trigger="all_fail"),
+                 **overrides}
     trainer = MixedPolicyGRPOTrainer(
         model=model, reward_funcs=lambda completions, is_off_policy, **kw: [
             1.0 if off else float(len(c[0]["content"]) % 3 == 0) for c, off in zip(completions, is_off_policy)],
-        args=tiny_args(out_dir, **overrides), train_dataset=varied_dataset(), processing_class=tokenizer)
+        args=tiny_args(out_dir, **overrides), train_dataset=dataset or varied_dataset(), processing_class=tokenizer)
     trainer.model.train()
     return trainer
 
@@ -247,3 +265,25 @@ def test_model_type_is_read_through_wrappers_and_composite_configs():
     assert model_type_of(type("Model", (), {"config": composite})()) == "qwen3_5_text"
     assert packing_support("qwen3_5_text")[0] == "not exact" and packing_support("qwen2")[0] == "exact"
     assert packing_support("some_new_family")[0] == "unknown"
+
+
+def test_a_padding_dependent_family_keeps_the_switch_off_gradients_without_packing(tokenizer, tmp_path):
+    """GPT-2 (absolute position embeddings by column): its log-probs move with a row's left padding, so the cut
+    layout keeps TRL's prompt width; every optimiser step's gradient stays the switch-off arm's, old log-probs
+    included."""
+    trainer = _family_trainer(tokenizer, tmp_path, "gpt2", dataset=_two_prompt_lengths(),
+                              pack_sequences="never")  # GA 2, spg 4: old log-probs
+    assert not trainer._prompt_cut_exact()
+    cut_lengths(trainer, [3, 20, 5, 7, 2, 24, 9, 4, 11])
+    cache_generation(trainer)
+    on, chunks = step_gradients(trainer, True)
+    off, switch_off_chunks = step_gradients(trainer, False)
+    assert sum(c["completion_ids"].numel() for c in chunks) < sum(c["completion_ids"].numel()
+                                                                  for c in switch_off_chunks)  # still cut
+    assert {c["prompt_ids"].size(1) for c in chunks} == {c["prompt_ids"].size(1) for c in switch_off_chunks}
+    assert_same_gradients(on, off)
+    trainer._prompt_cut_exact = lambda: True  # cutting prompt columns too would change them
+    cut, cut_chunks = step_gradients(trainer, True)
+    assert {c["prompt_ids"].size(1) for c in cut_chunks} != {c["prompt_ids"].size(1) for c in switch_off_chunks}
+    with pytest.raises(AssertionError):
+        assert_same_gradients(cut, off)

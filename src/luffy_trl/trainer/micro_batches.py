@@ -30,7 +30,14 @@ import logging
 import torch
 
 from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
-from luffy_trl.packing import NOT_PACKABLE, check_rows, model_type_of, packed_rows_agree, packing_support
+from luffy_trl.packing import (
+    NOT_PACKABLE,
+    PADDING_DEPENDENT,
+    check_rows,
+    model_type_of,
+    packed_rows_agree,
+    packing_support,
+)
 from luffy_trl.trainer.generation import IS_OFF_POLICY
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
@@ -83,6 +90,12 @@ class PaddingFreeBatchingMixin:
 
     def _padding_free_enabled(self) -> bool:
         return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
+
+    def _prompt_cut_exact(self) -> bool:
+        """Whether cutting prompt columns keeps every row's log-probs: not for a family whose results move with a
+        row's left padding (absolute positions from the column index, recurrent layers reading the padding:
+        `luffy_trl.packing.PADDING_DEPENDENT`); those keep TRL's prompt width and only lose completion columns."""
+        return model_type_of(self.model) not in PADDING_DEPENDENT
 
     def _packing_requested(self) -> bool:
         """`pack_sequences`: 'always', 'never', or 'auto' = only with a varlen attention implementation."""
@@ -230,6 +243,8 @@ class PaddingFreeBatchingMixin:
             nominal = chunks[window[0]]["completion_ids"].size(0)
             mask = self._loss_mask(merged)
             prompt_len = _prompt_lengths(merged["prompt_mask"]).tolist()
+            if not packed and not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
+                prompt_len = [merged["prompt_mask"].size(1)] * len(prompt_len)
             completion_len = _completion_extents(mask).tolist()
             active = [c > 0 for c in completion_len]
             plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active, packed=packed)
@@ -321,6 +336,8 @@ class PaddingFreeBatchingMixin:
             reason = self._unpackable(attention_mask, logits_to_keep, rows)
             self._count_packing_fallback(reason)
             packing = reason is None
+        if not packing and not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
+            prompt_len = [input_ids.size(1) - logits_to_keep] * len(prompt_len)
         if packing:
             batches = pack_rows([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
         else:
