@@ -16,7 +16,10 @@
   no-grad forwards run over the rows packed into one sequence (`_packed_forward`): no padding at all, position ids
   restarting at 0 for every row, and the per-token results scattered back into TRL's (rows, completion) layout.
   Only for a model that packs exactly (`luffy_trl.packing`): a family measured not to is never packed ('always' is
-  refused at construction), and every model is checked once at its first packed forward (`_packing_verified`).
+  refused at construction), and every model is checked once at its first packed forward. The packed forward and
+  that decision live in the base class, `luffy_trl.trainer.packed_sequences.PackedSequencesMixin`.
+* Families whose log-probs move with a row's left padding (`luffy_trl.packing.PADDING_DEPENDENT`) keep TRL's prompt
+  width: only completion columns are cut (`_prompt_cut_exact`).
 
 Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call, one gather of the token
 counters per training generation batch, and once per run the packing check's forwards and the gather of its verdict;
@@ -30,63 +33,21 @@ import logging
 import torch
 
 from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
-from luffy_trl.packing import (
-    NOT_PACKABLE,
-    PADDING_DEPENDENT,
-    check_rows,
-    model_type_of,
-    packed_rows_agree,
-    packing_support,
-)
+from luffy_trl.packing import PADDING_DEPENDENT, model_type_of
 from luffy_trl.trainer.generation import IS_OFF_POLICY
+from luffy_trl.trainer.packed_sequences import PackedSequencesMixin, _completion_extents, _prompt_lengths
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
 BATCHING_INFO = "_batching"
 PROMPT_KEYS = ("prompt_ids", "prompt_mask")
-# Attention implementations whose packed-sequence path costs the sum of the rows' squared lengths (varlen kernels or
-# block-sparse masks); `pack_sequences="auto"` packs only with these.
-VARLEN_ATTENTION = ("flash", "flex_attention")
 
 logger = logging.getLogger(__name__)
 
 
-def _prompt_lengths(prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Left-padded prompts: columns from the first real token to the end."""
-    width = prompt_mask.size(1)
-    first = torch.where(prompt_mask.any(1), prompt_mask.int().argmax(1), torch.full_like(prompt_mask[:, 0], width,
-                                                                                          dtype=torch.long))
-    return width - first
-
-
-def _completion_extents(mask: torch.Tensor) -> torch.Tensor:
-    """Right-padded completions: columns up to and including the last masked-in token (0 for an all-zero row)."""
-    width = mask.size(1)
-    cols = torch.arange(1, width + 1, device=mask.device)
-    return (mask.bool() * cols).amax(1) if width else torch.zeros(mask.size(0), dtype=torch.long, device=mask.device)
-
-
-class PaddingFreeBatchingMixin:
+class PaddingFreeBatchingMixin(PackedSequencesMixin):
     """Reassigns and trims TRL's buffered micro-batches; runs the no-grad forwards over the rows that need them."""
 
     _nograd_plan = None  # teacher flags, no-grad calls and tokens so far, while `_generate_and_score_completions` runs
-    _packing_fallbacks = 0  # forwards that could not be packed (logged as `batching/packing_fallbacks`)
-    _packing_verdict = None  # None until decided; then whether this model packs exactly (`_packing_verified`)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._refuse_inexact_packing()
-
-    def _refuse_inexact_packing(self) -> None:
-        """`pack_sequences="always"` on a family measured not to pack exactly: refused (it would train wrong)."""
-        if getattr(self.args, "pack_sequences", "never") != "always" or not self._padding_free_enabled():
-            return
-        model_type = model_type_of(self.model)
-        status, reason = packing_support(model_type)
-        if status == NOT_PACKABLE:
-            raise ValueError(
-                f"pack_sequences='always' cannot train a {model_type!r} model exactly: {reason}; packed rows would "
-                "read each other and the gradients would be wrong. Use pack_sequences='auto' (packs only models "
-                "that pack exactly) or 'never'.")
 
     def _padding_free_enabled(self) -> bool:
         return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
@@ -96,85 +57,6 @@ class PaddingFreeBatchingMixin:
         row's left padding (absolute positions from the column index, recurrent layers reading the padding:
         `luffy_trl.packing.PADDING_DEPENDENT`); those keep TRL's prompt width and only lose completion columns."""
         return model_type_of(self.model) not in PADDING_DEPENDENT
-
-    def _packing_requested(self) -> bool:
-        """`pack_sequences`: 'always', 'never', or 'auto' = only with a varlen attention implementation."""
-        mode = getattr(self.args, "pack_sequences", "never")
-        if mode == "never" or not self._padding_free_enabled():
-            return False
-        if mode == "always":
-            return True
-        implementation = str(getattr(self.model.config, "_attn_implementation", None) or "")
-        return any(name in implementation for name in VARLEN_ATTENTION)
-
-    def _packing_enabled(self) -> bool:
-        """Packing requested by `pack_sequences` and exact for this model (`_packing_verified`)."""
-        return self._packing_requested() and self._packing_verified()
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Is packing exact for this model?
-    # ------------------------------------------------------------------------------------------------------------
-    def _packing_verified(self) -> bool:
-        """Decided once per run: never for a family measured not to pack exactly (`luffy_trl.packing.NOT_EXACT`);
-        otherwise (verified families too: the check also covers the attention implementation in use) a check at the
-        first call, which every process reaches at the same point (the first training generation batch): the last
-        of two packed rows must not change when the row before it changes, and must equal the row run alone. When it
-        fails, 'auto' falls back to the padded layout (one warning; `batching/packing_model_fallback` = 1) and
-        'always' is refused."""
-        if self._packing_verdict is not None:
-            return self._packing_verdict
-        model_type = model_type_of(self.model)
-        status, reason = packing_support(model_type)
-        verdict = status != NOT_PACKABLE and self._packing_check()
-        if not verdict:
-            if status != NOT_PACKABLE:
-                reason = (f"the check at the first packed forward found that packed rows of this {model_type!r} model "
-                          "do not give each row's own log-probs")
-            if getattr(self.args, "pack_sequences", "never") == "always":
-                raise ValueError(f"pack_sequences='always' cannot train this {model_type!r} model exactly: {reason}. "
-                                 "Use pack_sequences='auto' (packs only models that pack exactly) or 'never'.")
-            logger.warning("pack_sequences=%r: this %r model is not packed (%s); its micro-batches are cut to their "
-                           "longest row instead (exact, only slower). Logged as batching/packing_model_fallback = 1.",
-                           self.args.pack_sequences, model_type, reason)
-        self._packing_verdict = verdict
-        return verdict
-
-    def _packing_check(self) -> bool:
-        """Three tiny no-grad forwards on fixed tokens (the same on every process, in eval mode so that dropout
-        cannot differ), the verdict gathered so that every process decides alike."""
-        model = self.model
-        vocab = model.get_input_embeddings().num_embeddings
-        (first, last), other = check_rows(vocab)
-        device = self.accelerator.device
-        prompt = 3
-        width = max(len(first), len(last))
-        ids = torch.zeros(2, width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, row in enumerate((first, last)):
-            ids[i, : len(row)], mask[i, : len(row)] = row, 1
-        ids, mask = ids.to(device), mask.to(device)
-        swapped = ids.clone()
-        swapped[0, : len(first)] = other[0].to(device)
-        keep = width - prompt
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                values = []
-                for batch in (ids, swapped):
-                    (index, _), logps, _, _, _ = self._packed_forward(model, batch, mask, keep, [0, 1])
-                    values.append(logps[index == 1])
-                alone, _, _ = super()._get_per_token_logps_and_entropies(
-                    model, ids[1:, : len(last)], mask[1:, : len(last)], len(last) - prompt, batch_size=1)
-        finally:
-            model.train(was_training)
-        dtype = next(model.parameters()).dtype
-        if getattr(self.args, "bf16", False) or getattr(self.args, "fp16", False):
-            dtype = torch.bfloat16  # autocast computes in half precision
-        tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 1e-1)  # rounding of the dtype
-        agree = packed_rows_agree(values[0], values[1], alone[0], tolerance)
-        verdicts = self.accelerator.gather(torch.tensor([float(agree)], device=device))
-        return bool(verdicts.min().item() > 0)
 
     # ------------------------------------------------------------------------------------------------------------
     # Training micro-batches
@@ -374,88 +256,6 @@ class PaddingFreeBatchingMixin:
             out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=torch.float32, device=input_ids.device)
         plan["tokens"] += computed
         return out, None, None
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Packed sequences (`pack_sequences`)
-    # ------------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _unpackable(attention_mask, logits_to_keep: int, rows: list[int]) -> str | None:
-        """Why `rows` cannot be packed (None when they can): each row's mask must be one contiguous run of real
-        tokens, the prompt's ending at the prompt/completion boundary and the completion's starting there, and every
-        row needs a prompt token (the first completion token is predicted from it)."""
-        index = torch.tensor(rows, device=attention_mask.device)
-        prompt_mask = attention_mask[index, : attention_mask.size(1) - logits_to_keep]
-        completion_mask = attention_mask[index, attention_mask.size(1) - logits_to_keep:]
-        prompt_len = _prompt_lengths(prompt_mask)
-        if (prompt_len < 1).any():
-            return "a row has an empty prompt"
-        if (prompt_mask.long().sum(1) != prompt_len).any():
-            return "a prompt mask has holes (not left padding only)"
-        if (completion_mask.long().sum(1) != _completion_extents(completion_mask)).any():
-            return "a completion mask has holes (not right padding only)"
-        return None
-
-    def _count_packing_fallback(self, reason: str | None) -> None:
-        if reason is None:
-            return
-        if self._packing_fallbacks == 0:
-            logger.warning("pack_sequences: a forward runs padded instead of packed (%s); counted in "
-                           "batching/packing_fallbacks. The result is the same, only slower.", reason)
-        self._packing_fallbacks += 1
-
-    def _packed_forward(self, model, input_ids, attention_mask, logits_to_keep: int, rows: list[int],
-                        compute_entropy: bool = False, compute_aux_loss: bool = False):
-        """One forward over `rows` packed into a single sequence (TRL's fused log-prob head, `fused_lm_head=True`).
-
-        The real tokens of each row (its prompt without left padding, its completion up to the last attended token)
-        are concatenated; position ids restart at 0 for every row, which is how transformers recognises a packed
-        batch (block-diagonal causal attention; varlen kernels with flash attention). Returns ((rows, columns) of
-        the completion tokens in the (B, logits_to_keep) layout, their log-probs, their entropies or None, the MoE
-        aux loss or None, the number of tokens computed). The caller checks `_unpackable` first.
-        """
-        device = input_ids.device
-        start = input_ids.size(1) - logits_to_keep
-        index = torch.tensor(rows, device=device)
-        prompt_len = _prompt_lengths(attention_mask[index, :start])
-        completion_len = _completion_extents(attention_mask[index, start:])
-        lengths = prompt_len + completion_len
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        position = torch.arange(row_of.numel(), device=device) - offsets[row_of]
-        column = (start - prompt_len)[row_of] + position  # the token's column in the padded layout
-        ids = input_ids[index[row_of], column]
-        in_completion = position >= prompt_len[row_of]
-        labels = ids.masked_fill(~in_completion, -100)
-        model_inputs = {"input_ids": ids[None], "position_ids": position[None], "labels": labels[None]}
-        if compute_aux_loss:
-            model_inputs["output_router_logits"] = True
-        with self.accelerator.autocast():
-            outputs = model(**model_inputs, fused_lm_head=True)
-        token = torch.nonzero(in_completion).squeeze(1)
-        # The fused head scores labels shifted by one: position t holds the log-prob of token t + 1.
-        logps = outputs.log_probs[0, token - 1]
-        entropies = outputs.entropy[0, token - 1] if compute_entropy else None
-        aux_loss = outputs.aux_loss if compute_aux_loss else None
-        return (index[row_of[token]], column[token] - start), logps, entropies, aux_loss, row_of.numel()
-
-    def _packed_loss_forward(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy,
-                             compute_aux_loss):
-        """The loss forward of one micro-batch, packed; None to run TRL's padded forward instead (counted)."""
-        completion_len = _completion_extents(attention_mask[:, input_ids.size(1) - logits_to_keep:]).tolist()
-        rows = [i for i, c in enumerate(completion_len) if c > 0]
-        if not rows:  # nothing to score: TRL's forward keeps the graph connected (a differentiable zero)
-            return None
-        reason = self._unpackable(attention_mask, logits_to_keep, rows)
-        if reason is not None:
-            self._count_packing_fallback(reason)
-            return None
-        (index, cols), logps, entropies, aux_loss, _ = self._packed_forward(
-            model, input_ids, attention_mask, logits_to_keep, rows, compute_entropy, compute_aux_loss)
-        shape = (input_ids.size(0), logits_to_keep)
-        per_token_logps = logps.new_zeros(shape).index_put((index, cols), logps)
-        if entropies is not None:
-            entropies = entropies.new_zeros(shape).index_put((index, cols), entropies)
-        return per_token_logps, entropies, aux_loss
 
 
 def _concat_rows(chunks: list[dict]) -> dict:
