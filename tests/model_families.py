@@ -3,9 +3,9 @@ of `tests/test_packing_families.py` (no download: each model is built in-process
 
 `measure(model_type, implementation)` builds one family in float64 and returns, against each row run alone:
 `packed` (max |Δ log p| of the rows laid end to end with position ids restarting per row, the trainer's
-`pack_sequences` forward), `padded` (the same rows left- and right-padded at two different paddings, no position ids:
-TRL's layout and the cut layout of `padding_free_batches`; NaN where transformers' eager float64 mask fills a
-left-padded row with NaN), and
+`pack_sequences` forward), `bins` (the same rows as a batch of two packed sequences, `pack_sequences="bins"`),
+`padded` (the rows left- and right-padded at two different paddings, no position ids: TRL's layout and the cut
+layout of `padding_free_batches`; NaN where transformers' eager float64 mask fills a left-padded row with NaN), and
 `gradient` (the relative difference between the gradients of a weighted log-likelihood computed packed and computed
 over the rows run alone, which is what a padded batch computes when its padding is exact).
 """
@@ -103,6 +103,26 @@ def packed_logps(model, rows: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def bins_logps(model, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rows 0 and 2 packed in one sequence, row 1 in a second, both right-padded to the longer one by a segment of its
+    own (positions from 0 again): the layout of `pack_sequences="bins"` (a batch of packed sequences)."""
+    bins = [[0, 2], [1]]
+    width = max(sum(len(rows[i]) for i in b) for b in bins)
+    ids = torch.zeros(len(bins), width, dtype=torch.long)
+    position = torch.zeros_like(ids)
+    where = {}
+    for j, b in enumerate(bins):
+        start = 0
+        for i in b:
+            ids[j, start: start + len(rows[i])] = rows[i]
+            position[j, start: start + len(rows[i])] = torch.arange(len(rows[i]))
+            where[i] = (j, start)
+            start += len(rows[i])
+        position[j, start:] = torch.arange(width - start)
+    logits = model(input_ids=ids, position_ids=position, use_cache=False).logits
+    return [_logps(logits[where[i][0], where[i][1]: where[i][1] + len(r)], r) for i, r in enumerate(rows)]
+
+
 def padded_logps(model, rows: list[torch.Tensor], left: list[int]) -> list[torch.Tensor]:
     """Each row after `left[i]` padding columns, right-padded to a common width (attention mask, no position ids)."""
     width = max(a + len(r) for a, r in zip(left, rows)) + 2
@@ -137,10 +157,12 @@ def measure(model_type: str, implementation: str) -> dict:
     with torch.no_grad():
         alone = [_logps(model(input_ids=r[None], use_cache=False).logits[0], r) for r in rows]
         packed = packed_logps(model, rows)
+        binned = bins_logps(model, rows)
         padded = padded_logps(model, rows, [1, 3, 0]) + padded_logps(model, rows, [4, 0, 2])
     diff = max((a - b).abs().max().item() for a, b in zip(packed, alone))
+    bins_diff = max((a - b).abs().max().item() for a, b in zip(binned, alone))
     pad_diff = max((a - b).abs().max().item() for a, b in zip(padded, alone + alone))
     g_packed = _gradient(model, lambda: packed_logps(model, rows))
     g_rows = _gradient(model, lambda: [_logps(model(input_ids=r[None], use_cache=False).logits[0], r) for r in rows])
     gradient = ((g_packed - g_rows).abs().max() / g_rows.abs().max().clamp_min(1e-300)).item()
-    return {"packed": diff, "padded": pad_diff, "gradient": gradient}
+    return {"packed": diff, "bins": bins_diff, "padded": pad_diff, "gradient": gradient}

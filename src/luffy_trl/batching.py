@@ -15,6 +15,9 @@ micro-batch of micro-step `s`. This module plans a cheaper layout with the same 
 4. `pack_forwards`: the no-grad forwards (old / reference log-probs) as length-sorted, budgeted batches.
 5. `pack_rows`: the same forwards when rows are packed into one sequence each (`pack_sequences`): bins of
    real tokens, first-fit decreasing.
+6. `choose_layout`: for one forward, the cheapest of cutting the rows to the longest one, packing them into bins no
+   longer than the longest row (`bin_rows`), or one sequence, by a cost model of linear-layer tokens and attention
+   pairs (`layout_tokens`; `pack_sequences="bins"`).
 """
 
 from __future__ import annotations
@@ -223,3 +226,57 @@ def pack_rows(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> l
             bins.append([i])
             room.append(max_tokens - lengths[i])
     return bins
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout of one forward: cut to the longest row, bins, or one sequence (`pack_sequences="bins"`)
+# ---------------------------------------------------------------------------------------------------------------------
+# Cost of one query-key pair of attention in units of one token through the linear layers, times the hidden size h:
+# per layer a token meets about 12·h² weights (4·h² in the attention projections, 8·h² in a 4·h-wide MLP), 24·h² FLOPs,
+# and a query-key pair costs 4·h FLOPs (its score and its share of the weighted values), so a pair costs
+# 4·h / (24·h²) = 1 / (6·h) tokens. A measured calibration would replace it (docs/batching.md).
+ATTENTION_PAIR_COST = 1 / 6
+LAYOUTS = ("cut", "bins", "one")
+
+
+def bin_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows 0..n-1 in bins of at most `capacity` tokens (first-fit decreasing; a longer row gets a bin of its own)."""
+    return pack_rows(lengths, range(len(lengths)), capacity)
+
+
+def layout_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], layout: str,
+                  varlen: bool = False) -> tuple[int, int]:
+    """(tokens through the linear layers, query-key pairs of attention) of one forward over these rows.
+
+    `cut`: the rows padded to the longest prompt + longest completion; `bins`: the rows packed by `bin_rows` into
+    sequences no longer than the longest row, right-padded to the fullest bin (one dense block-diagonal mask each);
+    `one`: all rows in one sequence. With a varlen kernel (`varlen`) attention covers each row alone (Σ rowᵢ²); with
+    sdpa/eager a sequence's dense mask covers all its length² pairs.
+    """
+    lengths = [p + max(1, c) for p, c in zip(prompt_lengths, completion_lengths)]
+    if not lengths:
+        return 0, 0
+    own = sum(n * n for n in lengths)
+    if layout == "cut":
+        width = max(prompt_lengths) + max(1, max(completion_lengths))
+        return len(lengths) * width, own if varlen else len(lengths) * width * width
+    if layout == "bins":
+        bins = bin_rows(lengths, max(lengths))
+        width = max(sum(lengths[i] for i in b) for b in bins)
+        return len(bins) * width, own if varlen else len(bins) * width * width
+    if layout == "one":
+        total = sum(lengths)
+        return total, own if varlen else total * total
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+
+
+def choose_layout(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], hidden_size: int,
+                  varlen: bool = False, layouts: Sequence[str] = LAYOUTS,
+                  pair_cost: float = ATTENTION_PAIR_COST) -> str:
+    """The cheapest of `layouts` for one forward: tokens + pairs · pair_cost / hidden_size (token-equivalents; ties
+    keep the earlier layout, `cut` first)."""
+    def cost(layout):
+        tokens, pairs = layout_tokens(prompt_lengths, completion_lengths, layout, varlen)
+        return tokens + pairs * pair_cost / max(1, hidden_size)
+
+    return min(layouts, key=cost)

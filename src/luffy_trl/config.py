@@ -357,8 +357,11 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             "LFM2, ...) and OPT are never packed, and every model is checked once at its first packed forward. "
             "'auto': packed when the attention implementation is a varlen kernel (flash_attention_2/3, a kernels-hub "
             "flash kernel, flex_attention) and the model packs exactly, otherwise cut to the longest row; 'always': "
-            "packed with any attention implementation (refused for a model that cannot pack exactly); 'never'.",
-            "choices": ["auto", "always", "never"],
+            "packed with any attention implementation (refused for a model that cannot pack exactly); 'bins': per "
+            "forward the cheapest of cutting the rows to the longest one, packing them into bins no longer than "
+            "the longest row (sdpa/eager; a dense block-diagonal mask per bin) or one sequence, by a cost model of "
+            "linear-layer tokens and attention pairs (luffy_trl.batching.choose_layout); 'never'.",
+            "choices": ["auto", "always", "bins", "never"],
         },
     )
 
@@ -498,7 +501,7 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         choice("off_policy_schedule_target", SCHEDULE_TARGETS)
         choice("off_policy_trace_selection", TRACE_SELECTIONS)
         choice("off_policy_loss", OFF_POLICY_LOSSES)
-        choice("pack_sequences", ("auto", "always", "never"))
+        choice("pack_sequences", ("auto", "always", "bins", "never"))
         threshold = self.off_policy_trigger_threshold
         if self.off_policy_trigger == "accuracy_below" and not (0.0 < threshold <= 1.0):
             raise ValueError(

@@ -32,7 +32,7 @@ import logging
 
 import torch
 
-from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
+from luffy_trl.batching import exchangeable_chunks, layout_tokens, pack_forwards, pack_rows, plan_micro_batches
 from luffy_trl.packing import PADDING_DEPENDENT, model_type_of
 from luffy_trl.trainer.generation import IS_OFF_POLICY
 from luffy_trl.trainer.packed_sequences import PackedSequencesMixin, _completion_extents, _prompt_lengths
@@ -79,7 +79,8 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
             windows = [[j] for j in range(spg)]
             if self._rows_exchangeable():
                 windows = exchangeable_chunks(step, spg, self.args.gradient_accumulation_steps, self.num_iterations)
-            chunks = self._replan_chunks(chunks, windows, packing)
+            # token-balanced micro-batches for one packed sequence; bins cost like cut rows, so plan those alike
+            chunks = self._replan_chunks(chunks, windows, packing and not self._bins_mode())
             self._buffered_inputs = chunks
         computed = sum(self._chunk_packed_tokens(c) if packing else self._chunk_tokens(c) for c in chunks)
         self._log_batching_metrics(baseline, computed, real)
@@ -110,8 +111,18 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
         return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
 
     def _chunk_packed_tokens(self, chunk) -> int:
-        """Tokens of the chunk's packed loss forward: its rows up to their last attended completion token."""
-        return self._row_tokens(chunk, chunk["completion_mask"])
+        """Tokens of the chunk's packed loss forward: its rows up to their last attended completion token (in one
+        sequence), or with `pack_sequences="bins"` the tokens of the layout its forward takes (`_forward_layout`)."""
+        if not self._bins_mode():
+            return self._row_tokens(chunk, chunk["completion_mask"])
+        extents = _completion_extents(chunk["completion_mask"])
+        active = extents > 0
+        if not active.any():
+            return self._chunk_tokens(chunk)
+        prompts = _prompt_lengths(chunk["prompt_mask"])[active].tolist()
+        completions = extents[active].tolist()
+        layout = self._forward_layout(prompts, completions)
+        return self._chunk_tokens(chunk) if layout == "cut" else layout_tokens(prompts, completions, layout)[0]
 
     def _chunk_real_tokens(self, chunk) -> int:
         """Real tokens: the rows with loss tokens, up to their last loss token."""
@@ -220,9 +231,10 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
             packing = reason is None
         if not packing and not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
             prompt_len = [input_ids.size(1) - logits_to_keep] * len(prompt_len)
-        if packing:
+        bins_mode = packing and self._bins_mode()
+        if packing and not bins_mode:
             batches = pack_rows([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
-        else:
+        else:  # with "bins", each cut batch then takes the layout the cost model prefers
             batches = pack_forwards(prompt_len, completion_len, rows, budget)
         counts = self.accelerator.gather(torch.tensor([len(batches)], device=input_ids.device))
         num_forwards = int(counts.max())
@@ -230,15 +242,21 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
         computed = 0
         width = input_ids.size(1)
         for batch in batches:
-            if packing:
+            layout = "one" if packing else "cut"
+            if bins_mode:
+                layout = self._forward_layout([prompt_len[i] for i in batch], [completion_len[i] for i in batch])
+            if layout != "cut":
+                capacity = max(prompt_len[i] + completion_len[i] for i in batch) if layout == "bins" else None
                 (index, cols), logps, _, _, tokens = self._packed_forward(model, input_ids, attention_mask,
-                                                                          logits_to_keep, batch)
+                                                                          logits_to_keep, batch, capacity=capacity)
                 if out is None:
                     out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=logps.dtype, device=logps.device)
                 out[index, cols] = logps
                 computed += tokens
                 continue
             p = max(1, max(prompt_len[i] for i in batch))
+            if not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
+                p = width - logits_to_keep
             c = max(1, max(completion_len[i] for i in batch))
             index = torch.tensor(batch, device=input_ids.device)
             ids = input_ids[index][:, width - logits_to_keep - p: width - logits_to_keep + c]

@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from luffy_trl.batching import bin_rows, choose_layout
 from luffy_trl.packing import NOT_PACKABLE, check_rows, model_type_of, packed_rows_agree, packing_support
 
 # Attention implementations whose packed-sequence path costs the sum of the rows' squared lengths (varlen kernels or
@@ -63,15 +64,33 @@ class PackedSequencesMixin:
                 "read each other and the gradients would be wrong. Use pack_sequences='auto' (packs only models "
                 "that pack exactly) or 'never'.")
 
+    def _varlen_attention(self) -> bool:
+        implementation = str(getattr(self.model.config, "_attn_implementation", None) or "")
+        return any(name in implementation for name in VARLEN_ATTENTION)
+
     def _packing_requested(self) -> bool:
-        """`pack_sequences`: 'always', 'never', or 'auto' = only with a varlen attention implementation."""
+        """`pack_sequences`: 'always', 'bins', 'never', or 'auto' = only with a varlen attention implementation."""
         mode = getattr(self.args, "pack_sequences", "never")
         if mode == "never" or not self._padding_free_enabled():
             return False
-        if mode == "always":
+        if mode in ("always", "bins"):
             return True
-        implementation = str(getattr(self.model.config, "_attn_implementation", None) or "")
-        return any(name in implementation for name in VARLEN_ATTENTION)
+        return self._varlen_attention()
+
+    def _bins_mode(self) -> bool:
+        return getattr(self.args, "pack_sequences", "never") == "bins"
+
+    def _forward_layout(self, prompt_lengths: list[int], completion_lengths: list[int]) -> str:
+        """'one' (one packed sequence), or with `pack_sequences="bins"` the cheapest of 'cut' (TRL's padded forward
+        over the rows cut to the longest one), 'bins' (sdpa/eager) and 'one' (`luffy_trl.batching.choose_layout`)."""
+        if not self._bins_mode():
+            return "one"
+        varlen = self._varlen_attention()
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = int(getattr(text, "hidden_size", 0) or 1024)
+        layouts = ("cut", "one") if varlen else ("cut", "bins", "one")  # varlen kernels take one sequence only
+        return choose_layout(prompt_lengths, completion_lengths, hidden, varlen, layouts)
 
     def _packing_enabled(self) -> bool:
         """Packing requested by `pack_sequences` and exact for this model (`_packing_verified`)."""
@@ -171,14 +190,17 @@ class PackedSequencesMixin:
         self._packing_fallbacks += 1
 
     def _packed_forward(self, model, input_ids, attention_mask, logits_to_keep: int, rows: list[int],
-                        compute_entropy: bool = False, compute_aux_loss: bool = False):
-        """One forward over `rows` packed into a single sequence (TRL's fused log-prob head, `fused_lm_head=True`).
+                        compute_entropy: bool = False, compute_aux_loss: bool = False, capacity: int | None = None):
+        """One forward over `rows` packed into a single sequence (TRL's fused log-prob head, `fused_lm_head=True`), or
+        with `capacity` into bins of at most that many tokens (`luffy_trl.batching.bin_rows`), one sequence each.
 
         The real tokens of each row (its prompt without left padding, its completion up to the last attended token)
         are concatenated; position ids restart at 0 for every row, which is how transformers recognises a packed
-        batch (block-diagonal causal attention; varlen kernels with flash attention). Returns ((rows, columns) of
-        the completion tokens in the (B, logits_to_keep) layout, their log-probs, their entropies or None, the MoE
-        aux loss or None, the number of tokens computed). The caller checks `_unpackable` first.
+        batch (block-diagonal causal attention; varlen kernels with flash attention, which take one sequence only:
+        bins are for sdpa/eager). Bins are right-padded to the fullest one; the padding is a segment of its own
+        (positions from 0 again, no label) after every real row. Returns ((rows, columns) of the completion tokens in
+        the (B, logits_to_keep) layout, their log-probs, their entropies or None, the MoE aux loss or None, the number
+        of tokens computed). The caller checks `_unpackable` first.
         """
         device = input_ids.device
         start = input_ids.size(1) - logits_to_keep
@@ -186,24 +208,47 @@ class PackedSequencesMixin:
         prompt_len = _prompt_lengths(attention_mask[index, :start])
         completion_len = _completion_extents(attention_mask[index, start:])
         lengths = prompt_len + completion_len
+        if capacity is None:
+            bins = [list(range(len(rows)))]
+        else:
+            bins = bin_rows(lengths.tolist(), capacity)
+        order = torch.tensor([i for b in bins for i in b], device=device)  # rows in bin order
+        bin_of = torch.tensor([j for j, b in enumerate(bins) for _ in b], device=device)
+        fill = torch.zeros(len(bins), dtype=torch.long, device=device).index_add_(0, bin_of, lengths[order])
+        width = int(fill.max())
+        # each row's first column in its bin: the lengths of the rows before it in the same bin
+        before = torch.cumsum(lengths[order], 0) - lengths[order]
+        bin_start = torch.cumsum(fill, 0) - fill
+        row_start = torch.empty_like(lengths)
+        row_start[order] = before - bin_start[bin_of] + bin_of * width  # flat offset in the (bins, width) layout
         row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)
         offsets = torch.cumsum(lengths, 0) - lengths
         position = torch.arange(row_of.numel(), device=device) - offsets[row_of]
+        flat = row_start[row_of] + position
         column = (start - prompt_len)[row_of] + position  # the token's column in the padded layout
-        ids = input_ids[index[row_of], column]
+        token_ids = input_ids[index[row_of], column]
         in_completion = position >= prompt_len[row_of]
-        labels = ids.masked_fill(~in_completion, -100)
-        model_inputs = {"input_ids": ids[None], "position_ids": position[None], "labels": labels[None]}
+        ids = token_ids.new_full((len(bins) * width,), int(token_ids[0]))
+        ids[flat] = token_ids
+        # padding after a bin's rows: positions 0, 1, ... again, a segment of its own
+        tail = torch.arange(width, device=device)[None, :] - fill[:, None]
+        positions = tail.clamp_min(0).flatten().clone()
+        positions[flat] = position
+        labels = torch.full_like(ids, -100)
+        labels[flat] = token_ids.masked_fill(~in_completion, -100)
+        model_inputs = {"input_ids": ids.view(len(bins), width), "position_ids": positions.view(len(bins), width),
+                        "labels": labels.view(len(bins), width)}
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
         with self.accelerator.autocast():
             outputs = model(**model_inputs, fused_lm_head=True)
         token = torch.nonzero(in_completion).squeeze(1)
         # The fused head scores labels shifted by one: position t holds the log-prob of token t + 1.
-        logps = outputs.log_probs[0, token - 1]
-        entropies = outputs.entropy[0, token - 1] if compute_entropy else None
+        where = flat[token]
+        logps = outputs.log_probs[where // width, where % width - 1]
+        entropies = outputs.entropy[where // width, where % width - 1] if compute_entropy else None
         aux_loss = outputs.aux_loss if compute_aux_loss else None
-        return (index[row_of[token]], column[token] - start), logps, entropies, aux_loss, row_of.numel()
+        return (index[row_of[token]], column[token] - start), logps, entropies, aux_loss, len(bins) * width
 
     def _packed_loss_forward(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy,
                              compute_aux_loss):
@@ -216,8 +261,14 @@ class PackedSequencesMixin:
         if reason is not None:
             self._count_packing_fallback(reason)
             return None
+        start = input_ids.size(1) - logits_to_keep
+        prompt_len = _prompt_lengths(attention_mask[rows, :start]).tolist()
+        layout = self._forward_layout(prompt_len, [completion_len[i] for i in rows])
+        if layout == "cut":  # the cost model prefers TRL's padded forward over the cut rows (not a fallback)
+            return None
+        capacity = max(p + completion_len[i] for p, i in zip(prompt_len, rows)) if layout == "bins" else None
         (index, cols), logps, entropies, aux_loss, _ = self._packed_forward(
-            model, input_ids, attention_mask, logits_to_keep, rows, compute_entropy, compute_aux_loss)
+            model, input_ids, attention_mask, logits_to_keep, rows, compute_entropy, compute_aux_loss, capacity)
         shape = (input_ids.size(0), logits_to_keep)
         per_token_logps = logps.new_zeros(shape).index_put((index, cols), logps)
         if entropies is not None:
