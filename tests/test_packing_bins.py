@@ -1,12 +1,14 @@
 """`pack_sequences="bins"`: rows packed into several sequences no longer than the longest row (first-fit decreasing),
 each with its own block-diagonal mask, chosen per forward by a cost model; gradients stay the switch-off arm's."""
 
+import itertools
+
 import pytest
 import torch
 from batching_cases import assert_same_gradients, cache_generation, cut_lengths, make_trainer, step_gradients
 from test_packing import LENGTHS, _padded_batch
 
-from luffy_trl.batching import bin_rows, choose_layout, layout_tokens
+from luffy_trl.batching import ATTENTION_PAIR_COST, bin_rows, choose_layout, layout_tokens, plan_micro_batches
 
 
 def test_bins_first_fit_decreasing_within_the_longest_row():
@@ -38,6 +40,28 @@ def test_the_cost_model_picks_bins_at_a_ragged_mix_and_cut_at_an_even_one():
     even_p, even_c = [100] * 8, [1000] * 8
     assert choose_layout(even_p, even_c, hidden_size=896) == "cut"  # nothing to gain; cut keeps TRL's layout
     assert choose_layout(ragged_p, ragged_c, hidden_size=896, varlen=True, layouts=("cut", "one")) == "one"
+
+
+def test_the_bins_plan_is_the_cheapest_cut_into_runs():
+    """`plan_micro_batches(bins_hidden_size=h)` against every way to cut the length-sorted rows into k runs, each run
+    costing the cheaper of its cut rows and its bins (an independent count through `layout_tokens`)."""
+    prompt = [5, 9, 3, 7, 4, 6, 8, 2, 5, 3]
+    completion = [40, 3, 25, 8, 60, 12, 5, 33, 9, 18]
+    k, hidden = 3, 64
+
+    def cost(rows):
+        p, c = [prompt[i] for i in rows], [completion[i] for i in rows]
+        return min(t + q * ATTENTION_PAIR_COST / hidden for t, q in (layout_tokens(p, c, "cut"),
+                                                                     layout_tokens(p, c, "bins")))
+
+    plan = plan_micro_batches(prompt, completion, k, bins_hidden_size=hidden)
+    assert sorted(i for b in plan for i in b) == list(range(10))
+    order = sorted(range(10), key=lambda i: (-(prompt[i] + completion[i]), -completion[i], i))
+    best = min(sum(cost(order[a:b]) for a, b in itertools.pairwise((0, *cuts, 10)))
+               for cuts in itertools.combinations(range(1, 10), k - 1))
+    assert sum(cost(b) for b in plan) == pytest.approx(best)
+    padded_plan = plan_micro_batches(prompt, completion, k)
+    assert sum(cost(b) for b in plan) < sum(cost(b) for b in padded_plan)  # the padded plan optimises something else
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,9 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
             windows = [[j] for j in range(spg)]
             if self._rows_exchangeable():
                 windows = exchangeable_chunks(step, spg, self.args.gradient_accumulation_steps, self.num_iterations)
-            # token-balanced micro-batches for one packed sequence; bins cost like cut rows, so plan those alike
-            chunks = self._replan_chunks(chunks, windows, packing and not self._bins_mode())
+            # token-balanced micro-batches for one packed sequence; with "bins" (sdpa/eager) runs that bin well
+            bins = packing and self._bins_mode() and not self._varlen_attention()
+            chunks = self._replan_chunks(chunks, windows, packing and not bins, self._hidden_size() if bins else None)
             self._buffered_inputs = chunks
         computed = sum(self._chunk_packed_tokens(c) if packing else self._chunk_tokens(c) for c in chunks)
         self._log_batching_metrics(baseline, computed, real)
@@ -128,7 +129,8 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
         """Real tokens: the rows with loss tokens, up to their last loss token."""
         return self._row_tokens(chunk, self._loss_mask(chunk))
 
-    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]], packed: bool = False) -> list[dict]:
+    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]], packed: bool = False,
+                       bins_hidden_size: int | None = None) -> list[dict]:
         """New chunks: rows reassigned within each window, rows without loss tokens dropped, columns trimmed."""
         out = [None] * len(chunks)
         for window in windows:
@@ -140,7 +142,8 @@ class PaddingFreeBatchingMixin(PackedSequencesMixin):
                 prompt_len = [merged["prompt_mask"].size(1)] * len(prompt_len)
             completion_len = _completion_extents(mask).tolist()
             active = [c > 0 for c in completion_len]
-            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active, packed=packed)
+            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active, packed=packed,
+                                      bins_hidden_size=bins_hidden_size)
             is_off = merged.get(IS_OFF_POLICY)
             is_off = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device) if is_off is None else is_off
             row_tokens = mask.sum(1).float()

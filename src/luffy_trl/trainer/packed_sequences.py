@@ -86,11 +86,13 @@ class PackedSequencesMixin:
         if not self._bins_mode():
             return "one"
         varlen = self._varlen_attention()
+        layouts = ("cut", "one") if varlen else ("cut", "bins", "one")  # varlen kernels take one sequence only
+        return choose_layout(prompt_lengths, completion_lengths, self._hidden_size(), varlen, layouts)
+
+    def _hidden_size(self) -> int:
         config = self.model.config
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        hidden = int(getattr(text, "hidden_size", 0) or 1024)
-        layouts = ("cut", "one") if varlen else ("cut", "bins", "one")  # varlen kernels take one sequence only
-        return choose_layout(prompt_lengths, completion_lengths, hidden, varlen, layouts)
+        return int(getattr(text, "hidden_size", 0) or 1024)
 
     def _packing_enabled(self) -> bool:
         """Packing requested by `pack_sequences` and exact for this model (`_packing_verified`)."""
