@@ -218,9 +218,10 @@ def _family_trainer(tokenizer, out_dir, family, dataset=None, **overrides):
     return trainer
 
 
-def test_always_is_refused_for_a_family_that_does_not_pack_exactly(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match=r"qwen3_5_text.*gated-delta-rule.*pack_sequences='auto'.*'never'"):
-        _family_trainer(tokenizer, tmp_path, "qwen3_5_text", pack_sequences="always")
+@pytest.mark.parametrize("mode", ["always", "bins"])
+def test_always_is_refused_for_a_family_that_does_not_pack_exactly(tokenizer, tmp_path, mode):
+    with pytest.raises(ValueError, match=rf"pack_sequences='{mode}'.*qwen3_5_text.*gated-delta-rule.*'auto'.*'never'"):
+        _family_trainer(tokenizer, tmp_path, "qwen3_5_text", pack_sequences=mode)
 
 
 def test_auto_trains_a_hybrid_model_padded_with_the_switch_off_gradients(tokenizer, tmp_path, caplog):

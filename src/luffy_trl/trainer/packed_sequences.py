@@ -7,7 +7,7 @@ implementation, and the model: `luffy_trl.packing` lists the families measured t
 `_packing_verified` checks every model once at its first packed forward), the refusal of `pack_sequences="always"` on a
 family that cannot pack exactly, and the packed forward itself.
 
-Collectives (see `luffy_trl.trainer`): once per run, the check's three forwards and the gather of its verdict, on every
+Collectives (see `luffy_trl.trainer`): once per run, the check's four forwards and the gather of its verdict, on every
 process at the first training generation batch (config and mode only).
 """
 
@@ -53,14 +53,16 @@ class PackedSequencesMixin:
         self._refuse_inexact_packing()
 
     def _refuse_inexact_packing(self) -> None:
-        """`pack_sequences="always"` on a family measured not to pack exactly: refused (it would train wrong)."""
-        if getattr(self.args, "pack_sequences", "never") != "always" or not self._padding_free_enabled():
+        """`pack_sequences="always"` or `"bins"` on a family measured not to pack exactly: refused (it would train
+        wrong)."""
+        mode = getattr(self.args, "pack_sequences", "never")
+        if mode not in ("always", "bins") or not self._padding_free_enabled():
             return
         model_type = model_type_of(self.model)
         status, reason = packing_support(model_type)
         if status == NOT_PACKABLE:
             raise ValueError(
-                f"pack_sequences='always' cannot train a {model_type!r} model exactly: {reason}; packed rows would "
+                f"pack_sequences={mode!r} cannot train a {model_type!r} model exactly: {reason}; packed rows would "
                 "read each other and the gradients would be wrong. Use pack_sequences='auto' (packs only models "
                 "that pack exactly) or 'never'.")
 
@@ -117,8 +119,9 @@ class PackedSequencesMixin:
             if status != NOT_PACKABLE:
                 reason = (f"the check at the first packed forward found that packed rows of this {model_type!r} model "
                           "do not give each row's own log-probs")
-            if getattr(self.args, "pack_sequences", "never") == "always":
-                raise ValueError(f"pack_sequences='always' cannot train this {model_type!r} model exactly: {reason}. "
+            mode = getattr(self.args, "pack_sequences", "never")
+            if mode in ("always", "bins"):
+                raise ValueError(f"pack_sequences={mode!r} cannot train this {model_type!r} model exactly: {reason}. "
                                  "Use pack_sequences='auto' (packs only models that pack exactly) or 'never'.")
             logger.warning("pack_sequences=%r: this %r model is not packed (%s); its micro-batches are cut to their "
                            "longest row instead (exact, only slower). Logged as batching/packing_model_fallback = 1.",
@@ -127,7 +130,7 @@ class PackedSequencesMixin:
         return verdict
 
     def _packing_check(self) -> bool:
-        """Three tiny no-grad forwards on fixed tokens (the same on every process, in eval mode so that dropout
+        """Four tiny no-grad forwards on fixed tokens (the same on every process, in eval mode so that dropout
         cannot differ), the verdict gathered so that every process decides alike."""
         model = self.model
         vocab = model.get_input_embeddings().num_embeddings
@@ -153,6 +156,9 @@ class PackedSequencesMixin:
                     values.append(logps[index == 1])
                 alone, _, _ = super()._get_per_token_logps_and_entropies(
                     model, ids[1:, : len(last)], mask[1:, : len(last)], len(last) - prompt, batch_size=1)
+                # the bins layout (`pack_sequences="bins"`): a batch of packed sequences, the shorter one padded
+                (index, _), logps, _, _, _ = self._packed_forward(model, ids, mask, keep, [1, 0], capacity=len(first))
+                binned = logps[index == 1]
         finally:
             model.train(was_training)
         dtype = next(model.parameters()).dtype
@@ -160,6 +166,7 @@ class PackedSequencesMixin:
             dtype = torch.bfloat16  # autocast computes in half precision
         tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 1e-1)  # rounding of the dtype
         agree = packed_rows_agree(values[0], values[1], alone[0], tolerance)
+        agree = agree and packed_rows_agree(binned, binned, alone[0], tolerance)
         verdicts = self.accelerator.gather(torch.tensor([float(agree)], device=device))
         return bool(verdicts.min().item() > 0)
 
