@@ -245,8 +245,10 @@ class PackedSequencesMixin:
         positions[flat] = position
         labels = torch.full_like(ids, -100)
         labels[flat] = token_ids.masked_fill(~in_completion, -100)
+        # no cache: transformers detects a packed batch from the position ids only without one (TRL's fused head
+        # also turns it off; said here so that the packing never depends on that)
         model_inputs = {"input_ids": ids.view(len(bins), width), "position_ids": positions.view(len(bins), width),
-                        "labels": labels.view(len(bins), width)}
+                        "labels": labels.view(len(bins), width), "use_cache": False}
         if compute_aux_loss:
             model_inputs["output_router_logits"] = True
         with self.accelerator.autocast():
