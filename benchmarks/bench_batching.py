@@ -13,15 +13,21 @@ Arms (same model initialisation, data, seed, LUFFY's loss settings and geometry)
 * `pack`:  `on` with `pack_sequences="always"`: each micro-batch (and each no-grad forward) packed into one sequence.
            On CPU the model's attention is sdpa, which runs a packed sequence with a dense block-diagonal mask
            (quadratic in the micro-batch's tokens); with flash attention it is a varlen kernel.
+* `bins`:  `on` with `pack_sequences="bins"`: per forward the cheapest of the cut rows, bins no longer than the longest
+           row (first-fit decreasing, a dense block-diagonal mask per bin) and one sequence, by the cost model of
+           `luffy_trl.batching.choose_layout`.
 
 Geometry: 8-row micro-batches, GA = 4 (four micro-batches per optimiser step), `steps_per_generation` = 2·GA (LUFFY's
-two optimiser steps per rollout, so TRL computes old log-probs), 64 rows per generation batch.
+two optimiser steps per rollout, so TRL computes old log-probs), 64 rows per generation batch; the `ragged` mix uses
+16-row micro-batches and GA = 2 (the mix measured in issue 24), still 64 rows and spg = 2·GA.
 
 Lengths are fixed draws, not sampled: generation is replaced by random token ids of a length drawn from the mix (the
 same draws for every arm: the first rows of each call get the same lengths), ended by EOS; teacher traces are
 dataset rows of a drawn length. Mixes: `early` (on-policy lengths spread over [16, 96] tokens, teacher traces 4-6×
-their mean) and `late` (on-policy and teacher lengths both in [200, 320]). Because generation is a table lookup, the
-step time is almost all training; with real sampling the step-time ratio is diluted by generation's share.
+their mean), `late` (on-policy and teacher lengths both in [200, 320]) and `ragged` (on-policy lengths lognormal,
+median 48, log-spread 0.8, in [8, 240]; teacher traces 5-6× the on-policy mean, 330-400). Because generation is a
+table lookup, the step time is almost all training; with real sampling the step-time ratio is diluted by
+generation's share.
 
 Measured per arm (medians over repetitions; the first optimiser step of each run is a warm-up): tokens computed by
 the loss forwards and by the no-grad (old log-prob) forwards, real tokens (prompt + completion of the rows with loss
@@ -49,12 +55,16 @@ from trl import GRPOConfig, GRPOTrainer
 from luffy_trl import MixedPolicyGRPOConfig, MixedPolicyGRPOTrainer
 from luffy_trl.toy import boxed_answer_reward, toy_tokenizer
 
-ARMS = ("on", "off", "stock", "pack")
+ARMS = ("on", "off", "stock", "pack", "bins")
 LABELS = {"on": "on (cut to longest row)", "off": "off (TRL's layout)", "stock": "stock GRPOTrainer",
-          "pack": "pack (one sequence, sdpa)"}
+          "pack": "pack (one sequence, sdpa)", "bins": "bins (cost model)"}
 RESULTS = Path(__file__).resolve().parent / "results"
 # (on-policy length range, teacher length range) in tokens, before --length_scale
-MIXES = {"early": ((16, 96), (224, 336)), "late": ((200, 320), (200, 320))}
+# A third entry makes the on-policy lengths lognormal: (low, high) clip, then (median, log-spread).
+MIXES = {"early": ((16, 96), (224, 336)), "late": ((200, 320), (200, 320)),
+         "ragged": ((8, 240), (330, 400), (48, 0.8))}
+# (per_device_train_batch_size, gradient_accumulation_steps) per mix; steps_per_generation = 2·GA, 64 rows per batch
+GEOMETRY = {"ragged": (16, 2)}
 
 
 _DATASETS: dict = {}
@@ -84,16 +94,23 @@ def _teacher_dataset(tokenizer, n, lengths, scale, seed) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def fixed_generation(lengths: tuple[int, int], scale: int, eos: int, vocab: int, max_len: int):
-    """A stand-in for `GRPOTrainer._generate_single_turn`: call k returns rows of lengths drawn with seed k."""
+def fixed_generation(lengths: tuple[int, int], scale: int, eos: int, vocab: int, max_len: int, lognormal=None):
+    """A stand-in for `GRPOTrainer._generate_single_turn`: call k returns rows of lengths drawn with seed k
+    (uniform in `lengths`, or lognormal (median, log-spread) clipped to `lengths`)."""
     state = {"call": 0}
+
+    def draw(rng):
+        if lognormal is None:
+            return rng.randint(*lengths)
+        median, spread = lognormal
+        return min(max(int(rng.lognormvariate(0.0, spread) * median), lengths[0]), lengths[1])
 
     def generate(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         rng = random.Random(state["call"])
         state["call"] += 1
         ids = []
         for _ in prompt_ids:
-            n = min(rng.randint(*lengths) * scale, max_len)
+            n = min(draw(rng) * scale, max_len)
             body = [rng.randrange(3, vocab) for _ in range(n - 1)]
             ids.append([t if t != eos else 3 for t in body] + [eos])
         return ids, None
@@ -114,12 +131,13 @@ class _StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def build(arm: str, args, tokenizer, dataset, max_len: int):
+def build(arm: str, args, tokenizer, dataset, max_len: int, geometry: tuple[int, int] = (8, 4)):
     on_gpu = device().type == "cuda"
+    rows, ga = geometry
     common = dict(
         output_dir="/tmp/luffy-bench-batching", use_cpu=not on_gpu, bf16=args.dtype == "bfloat16",
-        gradient_checkpointing=False, per_device_train_batch_size=8, gradient_accumulation_steps=4,
-        steps_per_generation=8, num_generations=8, max_completion_length=max_len, max_steps=args.steps,
+        gradient_checkpointing=False, per_device_train_batch_size=rows, gradient_accumulation_steps=ga,
+        steps_per_generation=2 * ga, num_generations=8, max_completion_length=max_len, max_steps=args.steps,
         learning_rate=1e-5, report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
         loss_type="dr_grpo", scale_rewards="none", entropy_coef=0.001, weight_decay=0.01,
         lr_scheduler_type="constant",
@@ -129,8 +147,9 @@ def build(arm: str, args, tokenizer, dataset, max_len: int):
         trainer = GRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=GRPOConfig(**common),
                               train_dataset=dataset, processing_class=tokenizer)
     else:
-        config = MixedPolicyGRPOConfig(num_off_policy=1, padding_free_batches=arm != "off",
-                                       pack_sequences="always" if arm == "pack" else "never", **common)
+        pack = {"pack": "always", "bins": "bins"}.get(arm, "never")
+        config = MixedPolicyGRPOConfig(num_off_policy=1, padding_free_batches=arm != "off", pack_sequences=pack,
+                                       **common)
         trainer = MixedPolicyGRPOTrainer(model=model, reward_funcs=boxed_answer_reward, args=config,
                                          train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
@@ -150,15 +169,17 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
     gc.collect()
     if device().type == "cuda":
         torch.cuda.empty_cache()
-    on_policy, teacher = MIXES[mix]
+    on_policy, teacher, *lognormal = MIXES[mix]
     scale = args.length_scale
     max_len = max(on_policy[1], teacher[1]) * scale + 8
     dataset = teacher_dataset(tokenizer, 64, teacher, scale)
-    trainer = build(arm, args, tokenizer, dataset, max_len)
+    geometry = GEOMETRY.get(mix, (8, 4))
+    trainer = build(arm, args, tokenizer, dataset, max_len, geometry)
     if device().type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     vocab = trainer.model.config.vocab_size if args.vocab_size is None else min(args.vocab_size, len(tokenizer))
-    generate, _ = fixed_generation(on_policy, scale, tokenizer.eos_token_id, min(vocab, len(tokenizer)), max_len)
+    generate, _ = fixed_generation(on_policy, scale, tokenizer.eos_token_id, min(vocab, len(tokenizer)), max_len,
+                                   lognormal[0] if lognormal else None)
     counts = {"loss_computed": [], "loss_real": [], "logprob_computed": 0, "logprob_time": 0.0, "train": []}
     base_generate, base_logps = GRPOTrainer._generate_single_turn, GRPOTrainer._get_per_token_logps_and_entropies
     training_step, prepare = trainer.training_step, trainer._generate_and_score_completions
@@ -191,14 +212,14 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
         sync()
         step_state["train"] += time.perf_counter() - start - (step_state["prepare"] - before)
         step_state["micro"] += 1
-        if step_state["micro"] % 4 == 0:  # one optimiser step: training part = micro-steps + old log-probs
+        if step_state["micro"] % geometry[1] == 0:  # one optimiser step: training part = micro-steps + old log-probs
             counts["train"].append(step_state["train"] + counts["logprob_time"])
             step_state["train"], counts["logprob_time"] = 0.0, 0.0
         return out
 
     compute_loss = trainer._compute_loss
 
-    if arm == "pack":  # packed forwards call the model directly, not TRL's `_get_per_token_logps_and_entropies`
+    if arm in ("pack", "bins"):  # packed forwards call the model directly, not TRL's `_get_per_token_logps_and_...`
         packed_forward = trainer._packed_forward
 
         def timed_packed(model, input_ids, *a, **k):
@@ -215,7 +236,7 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
         trainer._packed_forward = timed_packed
 
     def counting_loss(model, inputs):
-        counts["loss_computed"].append(trainer._chunk_packed_tokens(inputs) if arm == "pack" else
+        counts["loss_computed"].append(trainer._chunk_packed_tokens(inputs) if arm in ("pack", "bins") else
                                        inputs["prompt_ids"].numel() + inputs["completion_ids"].numel())
         counts["loss_real"].append(real_tokens(inputs))
         return compute_loss(model, inputs)
@@ -249,20 +270,37 @@ def run_arm(arm: str, mix: str, args, tokenizer) -> dict:
 
 # LUFFY-scale length draws for `--plan_only` (tokens): prompt range; on-policy median and log-spread; teacher
 # length as a multiple of the group's on-policy median. max_completion_length 8192 as in LUFFY's headline run.
+# `ragged`: the issue-24 mix at 8k scale (traces 5-6× the on-policy mean = 6.9-8.3× the median at log-spread 0.8),
+# with 16-row micro-batches and GA = 2 (PLAN_GEOMETRY).
 PLAN_MIXES = {"early": ((100, 400), 1200, 0.6, (4.0, 6.0)), "early_narrow": ((100, 400), 1200, 0.3, (4.0, 6.0)),
-              "late": ((100, 400), 3000, 0.3, (0.8, 1.2))}
+              "late": ((100, 400), 3000, 0.3, (0.8, 1.2)), "ragged": ((100, 400), 1000, 0.8, (6.9, 8.3))}
+PLAN_GEOMETRY = {"ragged": (16, 2)}  # (rows per micro-batch, GA); default (8, 4); steps_per_generation = 2·GA
+PLAN_HIDDEN = 3584  # Qwen2.5-Math-7B, LUFFY's model: the cost model's hidden size for the `bins` choice
 
 
 def plan_only(seeds: int = 20, max_len: int = 8192) -> dict:
     """Tokens computed / real tokens at LUFFY's scale from the planner alone (no model): 8 groups of 8 (7 + 1) per
-    process and generation batch, 8-row micro-batches, GA = 4, steps_per_generation = 8. TRL pads every row to the
-    batch's longest prompt and completion; the switch plans each optimiser step's window and skips teacher rows in
-    the old-log-prob forwards (budget: 8 rows at full width)."""
-    from luffy_trl.batching import exchangeable_chunks, pack_forwards, padded_tokens, plan_micro_batches
+    process and generation batch, 8-row micro-batches, GA = 4, steps_per_generation = 8 (`ragged`: 16-row
+    micro-batches, GA = 2, spg = 4). TRL pads every row to the batch's longest prompt and completion; the switch plans
+    each optimiser step's window and skips teacher rows in the old-log-prob forwards (budget: a micro-batch's rows at
+    full width). `bins`: the micro-batches planned for bins (`plan_micro_batches(bins_hidden_size=...)`), each
+    packed into bins no longer than its longest row; `bins_choice`: the layout `pack_sequences="bins"` then picks per
+    micro-batch (sdpa, hidden size PLAN_HIDDEN)."""
+    from luffy_trl.batching import (
+        choose_layout,
+        exchangeable_chunks,
+        layout_tokens,
+        pack_forwards,
+        padded_tokens,
+        plan_micro_batches,
+    )
 
     out = {}
     for mix, (prompt_range, median, spread, teacher_mult) in PLAN_MIXES.items():
-        ratios = {"trl": [], "on": [], "logprob_trl": [], "logprob_on": [], "packed_largest_over_mean": []}
+        rows_per_batch, ga = PLAN_GEOMETRY.get(mix, (8, 4))
+        spg = 2 * ga
+        ratios = {"trl": [], "on": [], "bins": [], "bins_choice": [], "logprob_trl": [], "logprob_on": [],
+                  "packed_largest_over_mean": []}
         for seed in range(seeds):
             rng = random.Random(seed)
             prompt, completion, teacher = [], [], []
@@ -277,23 +315,31 @@ def plan_only(seeds: int = 20, max_len: int = 8192) -> dict:
                     completion.append(max(1, min(max_len, int(c))))
                     teacher.append(slot == 7)
             order = list(range(64))
-            rng.shuffle(order)  # TRL's shuffle, then 8 chunks of 8 rows
+            rng.shuffle(order)  # TRL's shuffle, then spg chunks of rows_per_batch rows
             real = sum(prompt) + sum(completion)
             trl = 64 * (max(prompt) + max(completion))
-            planned = 0
-            for window in exchangeable_chunks(0, 8, 4):
-                rows = [order[8 * j + i] for j in window for i in range(8)]
+            planned = binned = chosen = 0
+            for window in exchangeable_chunks(0, spg, ga):
+                rows = [order[rows_per_batch * j + i] for j in window for i in range(rows_per_batch)]
                 plan = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows], len(window))
                 planned += padded_tokens(plan, [prompt[r] for r in rows], [completion[r] for r in rows])
+                bins_plan = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows],
+                                               len(window), bins_hidden_size=PLAN_HIDDEN)
+                for batch in bins_plan:
+                    p, c = [prompt[rows[i]] for i in batch], [completion[rows[i]] for i in batch]
+                    binned += layout_tokens(p, c, "bins")[0]
+                    chosen += layout_tokens(p, c, choose_layout(p, c, PLAN_HIDDEN))[0]
                 packed = plan_micro_batches([prompt[r] for r in rows], [completion[r] for r in rows], len(window),
                                             packed=True)
                 sizes = [sum(prompt[rows[i]] + completion[rows[i]] for i in b) for b in packed]
                 ratios["packed_largest_over_mean"].append(max(sizes) / statistics.mean(sizes))
             on_policy = [i for i in range(64) if not teacher[i]]
-            batches = pack_forwards(prompt, completion, on_policy, 8 * (max(prompt) + max(completion)))
+            batches = pack_forwards(prompt, completion, on_policy, rows_per_batch * (max(prompt) + max(completion)))
             logprob = padded_tokens(batches, prompt, completion)
             ratios["trl"].append(trl / real)
             ratios["on"].append(planned / real)
+            ratios["bins"].append(binned / real)
+            ratios["bins_choice"].append(chosen / real)
             ratios["logprob_trl"].append(trl / real)
             ratios["logprob_on"].append(logprob / real)
         out[mix] = {key: statistics.median(values) for key, values in ratios.items()}
@@ -384,7 +430,8 @@ def main(argv=None):
                                       "real_tokens_per_s")}
             peaks = [r[arm]["peak_memory_mib"] for r in rows if r[arm]["peak_memory_mib"] is not None]
             entry[arm]["peak_memory_mib"] = max(peaks) if peaks else None
-        for arm, other in (("on", "off"), ("on", "stock"), ("pack", "off"), ("pack", "on")):
+        for arm, other in (("on", "off"), ("on", "stock"), ("pack", "off"), ("pack", "on"), ("bins", "off"),
+                           ("bins", "on")):
             for key in ("train_time", "step_time"):
                 values = [r[arm][key] / r[other][key] for r in rows]
                 entry[f"{arm}_over_{other}_{key}"] = {"median": statistics.median(values), "min": min(values),

@@ -196,8 +196,11 @@ def test_auto_packs_only_with_a_varlen_attention_implementation(tokenizer, tmp_p
     trainer = make_trainer(tokenizer, tmp_path)
     assert trainer.args.pack_sequences == "auto"
     assert trainer.model.config._attn_implementation == "sdpa" and not trainer._packing_enabled()
+    assert trainer._packing_verdict is None  # nothing requested, nothing checked
     trainer.model.config._attn_implementation = "flash_attention_2"
     try:
+        assert trainer._packing_requested()
+        trainer._packing_verdict = True  # as if the first-forward check had passed (it needs the kernel to run)
         assert trainer._packing_enabled()
         trainer.args.padding_free_batches = False
         assert not trainer._packing_enabled()  # packing is part of padding-free batches

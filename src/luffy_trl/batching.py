@@ -15,6 +15,9 @@ micro-batch of micro-step `s`. This module plans a cheaper layout with the same 
 4. `pack_forwards`: the no-grad forwards (old / reference log-probs) as length-sorted, budgeted batches.
 5. `pack_rows`: the same forwards when rows are packed into one sequence each (`pack_sequences`): bins of
    real tokens, first-fit decreasing.
+6. `choose_layout`: for one forward, the cheapest of cutting the rows to the longest one, packing them into bins no
+   longer than the longest row (`bin_rows`), or one sequence, by a cost model of linear-layer tokens and attention
+   pairs (`layout_tokens`; `pack_sequences="bins"`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from collections.abc import Sequence
 
 # The exact segmentation is O(K·R²) in plain Python; above this many steps it falls back to equal-count runs.
 MAX_EXACT_PLAN_WORK = 4_000_000
+# Cost of one query-key pair of attention in units of one token through the linear layers, times the hidden size h:
+# per layer a token meets about 12·h² weights (4·h² in the attention projections, 8·h² in a 4·h-wide MLP), 24·h² FLOPs,
+# and a query-key pair costs 4·h FLOPs (its score and its share of the weighted values), so a pair costs
+# 4·h / (24·h²) = 1 / (6·h) tokens. A measured calibration would replace it (docs/batching.md).
+ATTENTION_PAIR_COST = 1 / 6
 
 
 def exchangeable_chunks(
@@ -70,6 +78,7 @@ def plan_micro_batches(
     active: Sequence[bool] | None = None,
     max_tokens: int | None = None,
     packed: bool = False,
+    bins_hidden_size: int | None = None,
 ) -> list[list[int]]:
     """Assign the rows of one window to exactly `num_micro_batches` non-empty micro-batches.
 
@@ -86,6 +95,10 @@ def plan_micro_batches(
         packed: the micro-batches are packed into one sequence each (`pack_sequences`): a micro-batch costs its
             real tokens (the sum of its rows' prompt + completion), so the total is fixed and the plan minimises the
             largest micro-batch (token-balanced micro-batches).
+        bins_hidden_size: the micro-batches run cut or as bins (`pack_sequences="bins"`, sdpa/eager), whichever the
+            cost model prefers for a model of this hidden size (`choose_layout`): a run costs the cheaper of its cut
+            rows and its rows binned first-fit decreasing into sequences no longer than its longest row, in
+            token-equivalents; the budget applies to the tokens of that layout.
 
     Returns:
         K lists of row indices, longest micro-batch first. Active rows are sorted by total length (descending) and
@@ -115,9 +128,9 @@ def plan_micro_batches(
     if k * r * r > MAX_EXACT_PLAN_WORK:
         bounds = _equal_runs(r, k)
     else:
-        bounds = _optimal_runs(prompt, completion, k, max_tokens, packed)
+        bounds = _optimal_runs(prompt, completion, k, max_tokens, packed, bins_hidden_size)
         if bounds is None:  # budget infeasible (a user budget below the longest rows): ignore it
-            bounds = _optimal_runs(prompt, completion, k, None, packed)
+            bounds = _optimal_runs(prompt, completion, k, None, packed, bins_hidden_size)
     return [[rows[i] for i in range(a, b)] for a, b in bounds]
 
 
@@ -126,20 +139,41 @@ def _equal_runs(r: int, k: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
-def _optimal_runs(prompt, completion, k, max_tokens, packed=False) -> list[tuple[int, int]] | None:
+def _optimal_runs(prompt, completion, k, max_tokens, packed=False, bins_hidden=None) -> list[tuple[int, int]] | None:
     """Cut rows 0..r-1 (sorted) into k non-empty contiguous runs minimising (total cost, largest cost).
 
-    A run costs its padded tokens (rows × (longest prompt + longest completion)), or with `packed` its real tokens.
+    A run costs its padded tokens (rows × (longest prompt + longest completion)), or with `packed` its real tokens,
+    or with `bins_hidden` the cheaper of its padded rows and its bins in token-equivalents (`choose_layout`'s model).
+    First-fit decreasing over rows sorted longest first extends run a..b to a..b+1 by placing row b alone, so the
+    bins of every run starting at a are built incrementally.
     """
     r = len(prompt)
     inf = (float("inf"), float("inf"))
     cost = [[0] * (r + 1) for _ in range(r)]
+    tokens = [[0] * (r + 1) for _ in range(r)] if bins_hidden else cost
+    pair = ATTENTION_PAIR_COST / max(1, bins_hidden or 1)
     for a in range(r):
         p = c = total = 0
+        fills: list[int] = []
+        capacity = prompt[a] + max(1, completion[a])  # the run's longest row (rows are sorted, longest first)
         for b in range(a + 1, r + 1):
             p, c = max(p, prompt[b - 1]), max(c, completion[b - 1])
-            total += prompt[b - 1] + max(1, completion[b - 1])
-            cost[a][b] = total if packed else (b - a) * (p + max(1, c))
+            n = prompt[b - 1] + max(1, completion[b - 1])
+            total += n
+            padded = (b - a) * (p + max(1, c))
+            if not bins_hidden:
+                cost[a][b] = total if packed else padded
+                continue
+            for j, fill in enumerate(fills):
+                if fill + n <= capacity:
+                    fills[j] += n
+                    break
+            else:
+                fills.append(n)
+            width = max(fills)
+            binned = (len(fills) * width, len(fills) * width * width * pair)
+            cut = (padded, padded * (p + max(1, c)) * pair)
+            tokens[a][b], cost[a][b] = min((t + q, t) for t, q in (cut, binned))[::-1]
     # best[j][b]: best (total, largest) for rows 0..b-1 in j runs
     best = [[inf] * (r + 1) for _ in range(k + 1)]
     cut = [[0] * (r + 1) for _ in range(k + 1)]
@@ -151,7 +185,7 @@ def _optimal_runs(prompt, completion, k, max_tokens, packed=False) -> list[tuple
                 if prev == inf:
                     continue
                 seg = cost[a][b]
-                if max_tokens is not None and seg > max_tokens:
+                if max_tokens is not None and tokens[a][b] > max_tokens:
                     continue
                 cand = (prev[0] + seg, max(prev[1], seg))
                 if cand < best[j][b]:
@@ -223,3 +257,52 @@ def pack_rows(lengths: Sequence[int], rows: Sequence[int], max_tokens: int) -> l
             bins.append([i])
             room.append(max_tokens - lengths[i])
     return bins
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layout of one forward: cut to the longest row, bins, or one sequence (`pack_sequences="bins"`)
+# ---------------------------------------------------------------------------------------------------------------------
+LAYOUTS = ("cut", "bins", "one")
+
+
+def bin_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Rows 0..n-1 in bins of at most `capacity` tokens (first-fit decreasing; a longer row gets a bin of its own)."""
+    return pack_rows(lengths, range(len(lengths)), capacity)
+
+
+def layout_tokens(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], layout: str,
+                  varlen: bool = False) -> tuple[int, int]:
+    """(tokens through the linear layers, query-key pairs of attention) of one forward over these rows.
+
+    `cut`: the rows padded to the longest prompt + longest completion; `bins`: the rows packed by `bin_rows` into
+    sequences no longer than the longest row, right-padded to the fullest bin (one dense block-diagonal mask each);
+    `one`: all rows in one sequence. With a varlen kernel (`varlen`) attention covers each row alone (Σ rowᵢ²); with
+    sdpa/eager a sequence's dense mask covers all its length² pairs.
+    """
+    lengths = [p + max(1, c) for p, c in zip(prompt_lengths, completion_lengths)]
+    if not lengths:
+        return 0, 0
+    own = sum(n * n for n in lengths)
+    if layout == "cut":
+        width = max(prompt_lengths) + max(1, max(completion_lengths))
+        return len(lengths) * width, own if varlen else len(lengths) * width * width
+    if layout == "bins":
+        bins = bin_rows(lengths, max(lengths))
+        width = max(sum(lengths[i] for i in b) for b in bins)
+        return len(bins) * width, own if varlen else len(bins) * width * width
+    if layout == "one":
+        total = sum(lengths)
+        return total, own if varlen else total * total
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+
+
+def choose_layout(prompt_lengths: Sequence[int], completion_lengths: Sequence[int], hidden_size: int,
+                  varlen: bool = False, layouts: Sequence[str] = LAYOUTS,
+                  pair_cost: float = ATTENTION_PAIR_COST) -> str:
+    """The cheapest of `layouts` for one forward: tokens + pairs · pair_cost / hidden_size (token-equivalents; ties
+    keep the earlier layout, `cut` first)."""
+    def cost(layout):
+        tokens, pairs = layout_tokens(prompt_lengths, completion_lengths, layout, varlen)
+        return tokens + pairs * pair_cost / max(1, hidden_size)
+
+    return min(layouts, key=cost)

@@ -363,11 +363,17 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         metadata={
             "help": "With padding_free_batches: pack each micro-batch's rows into one sequence (position ids restart "
             "per row, no padding at all; verl's use_remove_padding) for the loss and the no-grad forwards, with "
-            "micro-batches balanced by real tokens. 'auto': only when the model's attention implementation is a "
-            "varlen kernel (flash_attention_2/3, a kernels-hub flash kernel, flex_attention), where attention "
-            "costs the sum of the rows' squared lengths; with sdpa/eager the packed sequence needs a dense "
-            "block-diagonal mask, quadratic in the micro-batch's total tokens. 'always', 'never'.",
-            "choices": ["auto", "always", "never"],
+            "micro-batches balanced by real tokens. Only for models that pack exactly (luffy_trl.packing; "
+            "docs/batching.md 'Which models pack'): hybrid models whose linear-attention, Mamba, convolution or "
+            "recurrent layers run over the whole packed sequence (Qwen3-Next, Qwen3.5, Granite-4.0-H, Falcon-H1, "
+            "LFM2, ...) and OPT are never packed, and every model is checked once at its first packed forward. "
+            "'auto': packed when the attention implementation is a varlen kernel (flash_attention_2/3, a kernels-hub "
+            "flash kernel, flex_attention) and the model packs exactly, otherwise cut to the longest row; 'always': "
+            "packed with any attention implementation (refused for a model that cannot pack exactly); 'bins': per "
+            "forward the cheapest of cutting the rows to the longest one, packing them into bins no longer than "
+            "the longest row (sdpa/eager; a dense block-diagonal mask per bin) or one sequence, by a cost model of "
+            "linear-layer tokens and attention pairs (luffy_trl.batching.choose_layout); 'never'.",
+            "choices": ["auto", "always", "bins", "never"],
         },
     )
 
@@ -526,7 +532,7 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         choice("off_policy_schedule_target", SCHEDULE_TARGETS)
         choice("off_policy_trace_selection", TRACE_SELECTIONS)
         choice("off_policy_loss", OFF_POLICY_LOSSES)
-        choice("pack_sequences", ("auto", "always", "never"))
+        choice("pack_sequences", ("auto", "always", "bins", "never"))
         threshold = self.off_policy_trigger_threshold
         if self.off_policy_trigger == "accuracy_below" and not (0.0 < threshold <= 1.0):
             raise ValueError(

@@ -29,6 +29,9 @@ The class is assembled in `mixed_policy.py` from one mixin per module; each wrap
 - `micro_batches`: `PaddingFreeBatchingMixin`. Overrides `_prepare_inputs`, `_generate_and_score_completions` and
   `_get_per_token_logps_and_entropies`: micro-batches of real tokens and packed sequences (the pure planner it
   calls is `luffy_trl.batching`).
+- `packed_sequences`: `PackedSequencesMixin`, the base of `PaddingFreeBatchingMixin`. Overrides `__init__` (refuses
+  `pack_sequences="always"` on a family that cannot pack exactly): whether packing is on for this model (the lists
+  of `luffy_trl.packing` and a check at the first packed forward) and the packed forward.
 - `checkpoint`: `GenerationCheckpointMixin`. Overrides transformers' `Trainer._save_checkpoint` and
   `_load_optimizer_and_scheduler`: TRL's buffered generation batch in checkpoints, for exact resume.
 - `live_teacher`: `LiveTeacherMixin`. Overrides `_generate_and_score_completions`: an optional live teacher that

@@ -15,9 +15,15 @@
 * With `pack_sequences` (docs/batching.md, "Packed sequences"), the loss forward of each micro-batch and the
   no-grad forwards run over the rows packed into one sequence (`_packed_forward`): no padding at all, position ids
   restarting at 0 for every row, and the per-token results scattered back into TRL's (rows, completion) layout.
+  Only for a model that packs exactly (`luffy_trl.packing`): a family measured not to is never packed ('always' is
+  refused at construction), and every model is checked once at its first packed forward. The packed forward and
+  that decision live in the base class, `luffy_trl.trainer.packed_sequences.PackedSequencesMixin`.
+* Families whose log-probs move with a row's left padding (`luffy_trl.packing.PADDING_DEPENDENT`) keep TRL's prompt
+  width: only completion columns are cut (`_prompt_cut_exact`).
 
-Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call and one gather of the token
-counters per training generation batch; both branches depend on config and mode only.
+Collectives (see `luffy_trl.trainer`): one gather of the forward count per no-grad call, one gather of the token
+counters per training generation batch, and once per run the packing check's forwards and the gather of its verdict;
+all branches depend on config and mode only.
 """
 
 from __future__ import annotations
@@ -26,52 +32,31 @@ import logging
 
 import torch
 
-from luffy_trl.batching import exchangeable_chunks, pack_forwards, pack_rows, plan_micro_batches
+from luffy_trl.batching import exchangeable_chunks, layout_tokens, pack_forwards, pack_rows, plan_micro_batches
+from luffy_trl.packing import PADDING_DEPENDENT, model_type_of
 from luffy_trl.trainer.generation import IS_OFF_POLICY
+from luffy_trl.trainer.packed_sequences import PackedSequencesMixin, _completion_extents, _prompt_lengths
 
 # Key of the per-micro-batch normaliser information in the inputs dict (read by `_compute_loss`).
 BATCHING_INFO = "_batching"
 PROMPT_KEYS = ("prompt_ids", "prompt_mask")
-# Attention implementations whose packed-sequence path costs the sum of the rows' squared lengths (varlen kernels or
-# block-sparse masks); `pack_sequences="auto"` packs only with these.
-VARLEN_ATTENTION = ("flash", "flex_attention")
 
 logger = logging.getLogger(__name__)
 
 
-def _prompt_lengths(prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Left-padded prompts: columns from the first real token to the end."""
-    width = prompt_mask.size(1)
-    first = torch.where(prompt_mask.any(1), prompt_mask.int().argmax(1), torch.full_like(prompt_mask[:, 0], width,
-                                                                                          dtype=torch.long))
-    return width - first
-
-
-def _completion_extents(mask: torch.Tensor) -> torch.Tensor:
-    """Right-padded completions: columns up to and including the last masked-in token (0 for an all-zero row)."""
-    width = mask.size(1)
-    cols = torch.arange(1, width + 1, device=mask.device)
-    return (mask.bool() * cols).amax(1) if width else torch.zeros(mask.size(0), dtype=torch.long, device=mask.device)
-
-
-class PaddingFreeBatchingMixin:
+class PaddingFreeBatchingMixin(PackedSequencesMixin):
     """Reassigns and trims TRL's buffered micro-batches; runs the no-grad forwards over the rows that need them."""
 
     _nograd_plan = None  # teacher flags, no-grad calls and tokens so far, while `_generate_and_score_completions` runs
-    _packing_fallbacks = 0  # forwards that could not be packed (logged as `batching/packing_fallbacks`)
 
     def _padding_free_enabled(self) -> bool:
         return bool(getattr(self.args, "padding_free_batches", False)) and not self._is_vlm
 
-    def _packing_enabled(self) -> bool:
-        """`pack_sequences`: 'always', 'never', or 'auto' = only with a varlen attention implementation."""
-        mode = getattr(self.args, "pack_sequences", "never")
-        if mode == "never" or not self._padding_free_enabled():
-            return False
-        if mode == "always":
-            return True
-        implementation = str(getattr(self.model.config, "_attn_implementation", None) or "")
-        return any(name in implementation for name in VARLEN_ATTENTION)
+    def _prompt_cut_exact(self) -> bool:
+        """Whether cutting prompt columns keeps every row's log-probs: not for a family whose results move with a
+        row's left padding (absolute positions from the column index, recurrent layers reading the padding:
+        `luffy_trl.packing.PADDING_DEPENDENT`); those keep TRL's prompt width and only lose completion columns."""
+        return model_type_of(self.model) not in PADDING_DEPENDENT
 
     # ------------------------------------------------------------------------------------------------------------
     # Training micro-batches
@@ -94,7 +79,9 @@ class PaddingFreeBatchingMixin:
             windows = [[j] for j in range(spg)]
             if self._rows_exchangeable():
                 windows = exchangeable_chunks(step, spg, self.args.gradient_accumulation_steps, self.num_iterations)
-            chunks = self._replan_chunks(chunks, windows, packing)
+            # token-balanced micro-batches for one packed sequence; with "bins" (sdpa/eager) runs that bin well
+            bins = packing and self._bins_mode() and not self._varlen_attention()
+            chunks = self._replan_chunks(chunks, windows, packing and not bins, self._hidden_size() if bins else None)
             self._buffered_inputs = chunks
         computed = sum(self._chunk_packed_tokens(c) if packing else self._chunk_tokens(c) for c in chunks)
         self._log_batching_metrics(baseline, computed, real)
@@ -125,14 +112,25 @@ class PaddingFreeBatchingMixin:
         return int((_prompt_lengths(chunk["prompt_mask"])[active] + extents[active]).sum())
 
     def _chunk_packed_tokens(self, chunk) -> int:
-        """Tokens of the chunk's packed loss forward: its rows up to their last attended completion token."""
-        return self._row_tokens(chunk, chunk["completion_mask"])
+        """Tokens of the chunk's packed loss forward: its rows up to their last attended completion token (in one
+        sequence), or with `pack_sequences="bins"` the tokens of the layout its forward takes (`_forward_layout`)."""
+        if not self._bins_mode():
+            return self._row_tokens(chunk, chunk["completion_mask"])
+        extents = _completion_extents(chunk["completion_mask"])
+        active = extents > 0
+        if not active.any():
+            return self._chunk_tokens(chunk)
+        prompts = _prompt_lengths(chunk["prompt_mask"])[active].tolist()
+        completions = extents[active].tolist()
+        layout = self._forward_layout(prompts, completions)
+        return self._chunk_tokens(chunk) if layout == "cut" else layout_tokens(prompts, completions, layout)[0]
 
     def _chunk_real_tokens(self, chunk) -> int:
         """Real tokens: the rows with loss tokens, up to their last loss token."""
         return self._row_tokens(chunk, self._loss_mask(chunk))
 
-    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]], packed: bool = False) -> list[dict]:
+    def _replan_chunks(self, chunks: list[dict], windows: list[list[int]], packed: bool = False,
+                       bins_hidden_size: int | None = None) -> list[dict]:
         """New chunks: rows reassigned within each window, rows without loss tokens dropped, columns trimmed."""
         out = [None] * len(chunks)
         for window in windows:
@@ -140,9 +138,12 @@ class PaddingFreeBatchingMixin:
             nominal = chunks[window[0]]["completion_ids"].size(0)
             mask = self._loss_mask(merged)
             prompt_len = _prompt_lengths(merged["prompt_mask"]).tolist()
+            if not packed and not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
+                prompt_len = [merged["prompt_mask"].size(1)] * len(prompt_len)
             completion_len = _completion_extents(mask).tolist()
             active = [c > 0 for c in completion_len]
-            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active, packed=packed)
+            plan = plan_micro_batches(prompt_len, completion_len, len(window), active=active, packed=packed,
+                                      bins_hidden_size=bins_hidden_size)
             is_off = merged.get(IS_OFF_POLICY)
             is_off = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device) if is_off is None else is_off
             row_tokens = mask.sum(1).float()
@@ -172,6 +173,8 @@ class PaddingFreeBatchingMixin:
         metrics["batching/fixed_batch_tokens"].append(baseline)
         if getattr(self.args, "pack_sequences", "never") != "never":
             metrics["batching/packing_fallbacks"].append(fallbacks)
+            if self._packing_requested():
+                metrics["batching/packing_model_fallback"].append(float(not self._packing_verified()))
 
     # ------------------------------------------------------------------------------------------------------------
     # No-grad forwards (old and reference log-probs)
@@ -229,9 +232,12 @@ class PaddingFreeBatchingMixin:
             reason = self._unpackable(attention_mask, logits_to_keep, rows)
             self._count_packing_fallback(reason)
             packing = reason is None
-        if packing:
+        if not packing and not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
+            prompt_len = [input_ids.size(1) - logits_to_keep] * len(prompt_len)
+        bins_mode = packing and self._bins_mode()
+        if packing and not bins_mode:
             batches = pack_rows([p + c for p, c in zip(prompt_len, completion_len)], rows, budget)
-        else:
+        else:  # with "bins", each cut batch then takes the layout the cost model prefers
             batches = pack_forwards(prompt_len, completion_len, rows, budget)
         counts = self.accelerator.gather(torch.tensor([len(batches)], device=input_ids.device))
         num_forwards = int(counts.max())
@@ -239,15 +245,21 @@ class PaddingFreeBatchingMixin:
         computed = 0
         width = input_ids.size(1)
         for batch in batches:
-            if packing:
+            layout = "one" if packing else "cut"
+            if bins_mode:
+                layout = self._forward_layout([prompt_len[i] for i in batch], [completion_len[i] for i in batch])
+            if layout != "cut":
+                capacity = max(prompt_len[i] + completion_len[i] for i in batch) if layout == "bins" else None
                 (index, cols), logps, _, _, tokens = self._packed_forward(model, input_ids, attention_mask,
-                                                                          logits_to_keep, batch)
+                                                                          logits_to_keep, batch, capacity=capacity)
                 if out is None:
                     out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=logps.dtype, device=logps.device)
                 out[index, cols] = logps
                 computed += tokens
                 continue
             p = max(1, max(prompt_len[i] for i in batch))
+            if not self._prompt_cut_exact():  # keep TRL's prompt width (and positions)
+                p = width - logits_to_keep
             c = max(1, max(completion_len[i] for i in batch))
             index = torch.tensor(batch, device=input_ids.device)
             ids = input_ids[index][:, width - logits_to_keep - p: width - logits_to_keep + c]
@@ -265,88 +277,6 @@ class PaddingFreeBatchingMixin:
             out = torch.zeros(input_ids.size(0), logits_to_keep, dtype=torch.float32, device=input_ids.device)
         plan["tokens"] += computed
         return out, None, None
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Packed sequences (`pack_sequences`)
-    # ------------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _unpackable(attention_mask, logits_to_keep: int, rows: list[int]) -> str | None:
-        """Why `rows` cannot be packed (None when they can): each row's mask must be one contiguous run of real
-        tokens, the prompt's ending at the prompt/completion boundary and the completion's starting there, and every
-        row needs a prompt token (the first completion token is predicted from it)."""
-        index = torch.tensor(rows, device=attention_mask.device)
-        prompt_mask = attention_mask[index, : attention_mask.size(1) - logits_to_keep]
-        completion_mask = attention_mask[index, attention_mask.size(1) - logits_to_keep:]
-        prompt_len = _prompt_lengths(prompt_mask)
-        if (prompt_len < 1).any():
-            return "a row has an empty prompt"
-        if (prompt_mask.long().sum(1) != prompt_len).any():
-            return "a prompt mask has holes (not left padding only)"
-        if (completion_mask.long().sum(1) != _completion_extents(completion_mask)).any():
-            return "a completion mask has holes (not right padding only)"
-        return None
-
-    def _count_packing_fallback(self, reason: str | None) -> None:
-        if reason is None:
-            return
-        if self._packing_fallbacks == 0:
-            logger.warning("pack_sequences: a forward runs padded instead of packed (%s); counted in "
-                           "batching/packing_fallbacks. The result is the same, only slower.", reason)
-        self._packing_fallbacks += 1
-
-    def _packed_forward(self, model, input_ids, attention_mask, logits_to_keep: int, rows: list[int],
-                        compute_entropy: bool = False, compute_aux_loss: bool = False):
-        """One forward over `rows` packed into a single sequence (TRL's fused log-prob head, `fused_lm_head=True`).
-
-        The real tokens of each row (its prompt without left padding, its completion up to the last attended token)
-        are concatenated; position ids restart at 0 for every row, which is how transformers recognises a packed
-        batch (block-diagonal causal attention; varlen kernels with flash attention). Returns ((rows, columns) of
-        the completion tokens in the (B, logits_to_keep) layout, their log-probs, their entropies or None, the MoE
-        aux loss or None, the number of tokens computed). The caller checks `_unpackable` first.
-        """
-        device = input_ids.device
-        start = input_ids.size(1) - logits_to_keep
-        index = torch.tensor(rows, device=device)
-        prompt_len = _prompt_lengths(attention_mask[index, :start])
-        completion_len = _completion_extents(attention_mask[index, start:])
-        lengths = prompt_len + completion_len
-        row_of = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths)
-        offsets = torch.cumsum(lengths, 0) - lengths
-        position = torch.arange(row_of.numel(), device=device) - offsets[row_of]
-        column = (start - prompt_len)[row_of] + position  # the token's column in the padded layout
-        ids = input_ids[index[row_of], column]
-        in_completion = position >= prompt_len[row_of]
-        labels = ids.masked_fill(~in_completion, -100)
-        model_inputs = {"input_ids": ids[None], "position_ids": position[None], "labels": labels[None]}
-        if compute_aux_loss:
-            model_inputs["output_router_logits"] = True
-        with self.accelerator.autocast():
-            outputs = model(**model_inputs, fused_lm_head=True)
-        token = torch.nonzero(in_completion).squeeze(1)
-        # The fused head scores labels shifted by one: position t holds the log-prob of token t + 1.
-        logps = outputs.log_probs[0, token - 1]
-        entropies = outputs.entropy[0, token - 1] if compute_entropy else None
-        aux_loss = outputs.aux_loss if compute_aux_loss else None
-        return (index[row_of[token]], column[token] - start), logps, entropies, aux_loss, row_of.numel()
-
-    def _packed_loss_forward(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy,
-                             compute_aux_loss):
-        """The loss forward of one micro-batch, packed; None to run TRL's padded forward instead (counted)."""
-        completion_len = _completion_extents(attention_mask[:, input_ids.size(1) - logits_to_keep:]).tolist()
-        rows = [i for i, c in enumerate(completion_len) if c > 0]
-        if not rows:  # nothing to score: TRL's forward keeps the graph connected (a differentiable zero)
-            return None
-        reason = self._unpackable(attention_mask, logits_to_keep, rows)
-        if reason is not None:
-            self._count_packing_fallback(reason)
-            return None
-        (index, cols), logps, entropies, aux_loss, _ = self._packed_forward(
-            model, input_ids, attention_mask, logits_to_keep, rows, compute_entropy, compute_aux_loss)
-        shape = (input_ids.size(0), logits_to_keep)
-        per_token_logps = logps.new_zeros(shape).index_put((index, cols), logps)
-        if entropies is not None:
-            entropies = entropies.new_zeros(shape).index_put((index, cols), entropies)
-        return per_token_logps, entropies, aux_loss
 
 
 def _concat_rows(chunks: list[dict]) -> dict:
