@@ -246,3 +246,35 @@ def test_teacher_column_trajectory_values():
     assert list(teacher_traces(arrow)[0][1].messages) == TRAJECTORY  # the None fields a datasets column adds
     with pytest.raises(TypeError, match=r"row 3.*ending with an assistant answer"):
         teacher_traces(TRAJECTORY[:2], row=3)
+
+
+def test_trajectory_that_trls_tool_loop_cannot_produce_is_refused(tmp_path):
+    """A tool result without `name` (OpenAI's `tool_call_id` only) crashed mid-run inside TRL's
+    `_get_tool_suffix_ids` (KeyError 'name'); calls without their results, or a turn without tool calls before the
+    end, were tokenized silently into sequences the policy can never produce. All are refused naming the row."""
+    from luffy_trl.teacher import teacher_traces
+
+    call, result, answer = TRAJECTORY
+    openai_result = {"role": "tool", "tool_call_id": "c1", "content": "5"}
+    two_calls = {**call, "tool_calls": call["tool_calls"] * 2}
+    cases = {
+        "has no 'name'": [call, openai_result, answer],
+        "1 tool call.*followed by 0 tool result": [call, answer],
+        "2 tool call.*followed by 1 tool result": [two_calls, result, answer],
+        "without tool calls before the end": [answer, result, answer],
+    }
+    for message, value in cases.items():
+        with pytest.raises(TypeError, match=rf"row 7.*cannot produce: .*{message}"):
+            teacher_traces(value, row=7)
+    assert teacher_traces([two_calls, result, result, answer])  # one result per call: accepted
+
+    rows = [dict(r) for r in math_dataset(8)]
+    for row in rows:
+        row["target"] = cases["has no 'name'"]
+    from datasets import Dataset
+
+    tok = tool_tokenizer()
+    with pytest.raises(TypeError, match="has no 'name'"):  # at construction, not in the first generation
+        MixedPolicyGRPOTrainer(model=build_model(tok), reward_funcs=by_length, processing_class=tok,
+                               train_dataset=Dataset.from_list(rows), args=tiny_args(tmp_path, num_off_policy=1,
+                                                                                    **COMMON), tools=[calc])
