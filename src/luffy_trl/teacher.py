@@ -238,8 +238,12 @@ class TeacherTokenizer:
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
         render=None,
+        tools=None,
     ):
         self.tokenizer = tokenizer
+        # TRL renders prompts with the trainer's tools (the template's tool system block): the teacher text must
+        # follow the same rendering, or the joint tokenization never starts with TRL's prompt ids.
+        self.tools = tools or None
         # Vision-language models: `render(messages, add_generation_prompt)` renders a conversation as TRL does for
         # the processor (its prompt ids hold the image tokens the processor expanded, so the joint tokenization is
         # checked against the rendered prompt's own tokens instead).
@@ -256,6 +260,7 @@ class TeacherTokenizer:
             return self.render(prompt, True)
         return self.tokenizer.apply_chat_template(
             prompt,
+            tools=self.tools,
             chat_template=self.chat_template,
             add_generation_prompt=True,
             tokenize=False,
