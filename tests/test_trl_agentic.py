@@ -246,3 +246,61 @@ def test_teacher_column_trajectory_values():
     assert list(teacher_traces(arrow)[0][1].messages) == TRAJECTORY  # the None fields a datasets column adds
     with pytest.raises(TypeError, match=r"row 3.*ending with an assistant answer"):
         teacher_traces(TRAJECTORY[:2], row=3)
+
+
+def test_trajectory_that_trls_tool_loop_cannot_produce_is_refused(tmp_path):
+    """A tool result without `name` (OpenAI's `tool_call_id` only) crashed mid-run inside TRL's
+    `_get_tool_suffix_ids` (KeyError 'name'); calls without their results, or a turn without tool calls before the
+    end, were tokenized silently into sequences the policy can never produce. All are refused naming the row."""
+    from luffy_trl.teacher import teacher_traces
+
+    call, result, answer = TRAJECTORY
+    openai_result = {"role": "tool", "tool_call_id": "c1", "content": "5"}
+    two_calls = {**call, "tool_calls": call["tool_calls"] * 2}
+    cases = {
+        "has no 'name'": [call, openai_result, answer],
+        "1 tool call.*followed by 0 tool result": [call, answer],
+        "2 tool call.*followed by 1 tool result": [two_calls, result, answer],
+        "without tool calls before the end": [answer, result, answer],
+    }
+    for message, value in cases.items():
+        with pytest.raises(TypeError, match=rf"row 7.*cannot produce: .*{message}"):
+            teacher_traces(value, row=7)
+    assert teacher_traces([two_calls, result, result, answer])  # one result per call: accepted
+
+    rows = [dict(r) for r in math_dataset(8)]
+    for row in rows:
+        row["target"] = cases["has no 'name'"]
+    from datasets import Dataset
+
+    tok = tool_tokenizer()
+    with pytest.raises(TypeError, match="has no 'name'"):  # at construction, not in the first generation
+        MixedPolicyGRPOTrainer(model=build_model(tok), reward_funcs=by_length, processing_class=tok,
+                               train_dataset=Dataset.from_list(rows), args=tiny_args(tmp_path, num_off_policy=1,
+                                                                                    **COMMON), tools=[calc])
+
+
+def test_one_turn_teacher_text_with_tools_follows_trls_prompt_rendering(tmp_path):
+    """TRL renders prompts with `tools=` (the template's tool system block); the teacher text was appended to a
+    prompt rendered without them, so the joint tokenization never matched TRL's prompt ids and every teacher row
+    fell back to tokenizing the text on its own (`off_policy/tokenization_fallback` = every teacher row)."""
+    from datasets import Dataset
+
+    rows = [dict(r) for r in math_dataset(8)]
+    for row in rows:
+        row["target"] = "It is \\boxed{5}."
+    dataset = Dataset.from_list(rows)
+    tok = tool_tokenizer()
+    trainer = MixedPolicyGRPOTrainer(model=long_context_model(tok), reward_funcs=by_length, processing_class=tok,
+                                     train_dataset=dataset, args=tiny_args(tmp_path, num_off_policy=1, **LONG),
+                                     tools=[calc])
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([dataset[i] for i in range(2) for _ in range(4)])
+    assert trainer._metrics["train"]["off_policy/tokenization_fallback"] == [0.0]
+    for row in (3, 7):  # the teacher slots
+        assert out["is_off_policy"][row]
+        prompt = out["prompt_ids"][row][out["prompt_mask"][row].bool()].tolist()
+        completion = out["completion_ids"][row][out["completion_mask"][row].bool()].tolist()
+        assert "<tools>" in tok.decode(prompt)  # TRL's prompt holds the tool block
+        assert tok(tok.decode(prompt) + "It is \\boxed{5}.<|im_end|>", add_special_tokens=False)["input_ids"] == (
+            prompt + completion)

@@ -65,6 +65,29 @@ def _trajectory(value, column: str, row: int | None) -> TeacherTrajectory:
             "ending with an assistant answer without tool calls (roles: " + ", ".join(map(str, roles)) + "). Fix "
             "the dataset."
         )
+    # The shape TRL's tool loop gives a sampled rollout: an assistant turn with k tool calls is followed by exactly
+    # k tool results, each named after its function (TRL's `_get_tool_suffix_ids` reads `name`); a turn without tool
+    # calls ends the rollout. Anything else would be tokenized into a sequence the policy can never produce, or fail
+    # mid-run inside TRL.
+    k = 0
+    while k < len(messages):
+        calls = messages[k].get("tool_calls") or []
+        results = []
+        while k + 1 + len(results) < len(messages) and messages[k + 1 + len(results)].get("role") == "tool":
+            results.append(messages[k + 1 + len(results)])
+        problem = None
+        if not calls and k != len(messages) - 1:
+            problem = f"message {k} is an assistant turn without tool calls before the end (it ends a rollout)"
+        elif len(results) != len(calls):
+            problem = (f"message {k} makes {len(calls)} tool call(s) followed by {len(results)} tool result(s) (TRL's "
+                       "tool loop appends one result per call)")
+        elif any(not isinstance(r.get("name"), str) or not r.get("name") for r in results):
+            problem = (f"a tool result after message {k} has no 'name' (TRL's format: {{'role': 'tool', 'name': "
+                       "<the called function>, 'content': ...}; an OpenAI-style 'tool_call_id' is not enough)")
+        if problem:
+            raise TypeError(f"Column {column!r}{where} holds a tool-calling trajectory TRL's tool loop cannot "
+                            f"produce: {problem}. Fix the dataset.")
+        k += 1 + len(results)
     return TeacherTrajectory(messages)
 
 
@@ -215,8 +238,12 @@ class TeacherTokenizer:
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
         render=None,
+        tools=None,
     ):
         self.tokenizer = tokenizer
+        # TRL renders prompts with the trainer's tools (the template's tool system block): the teacher text must
+        # follow the same rendering, or the joint tokenization never starts with TRL's prompt ids.
+        self.tools = tools or None
         # Vision-language models: `render(messages, add_generation_prompt)` renders a conversation as TRL does for
         # the processor (its prompt ids hold the image tokens the processor expanded, so the joint tokenization is
         # checked against the rendered prompt's own tokens instead).
@@ -233,6 +260,7 @@ class TeacherTokenizer:
             return self.render(prompt, True)
         return self.tokenizer.apply_chat_template(
             prompt,
+            tools=self.tools,
             chat_template=self.chat_template,
             add_generation_prompt=True,
             tokenize=False,

@@ -4,8 +4,9 @@ With torch's default (one intra-op thread per core), a CPU run on a machine wher
 10-40×: OpenMP's worker threads spin-wait for a core that another process holds. One thread loses little on an
 idle machine for the small models that run on CPU (benchmarks/bench_threads.py measures both), so luffy-trl's
 commands (`luffy-trl train`, `luffy-trl eval`, the examples) use one thread on a machine without a GPU unless the
-user set a count: `OMP_NUM_THREADS` or `LUFFY_TRL_NUM_THREADS` in the environment (the latter wins), or
-`torch.set_num_threads` before calling `configure_cpu_threads`. A GPU run is left alone.
+user set a count: `OMP_NUM_THREADS` or `LUFFY_TRL_NUM_THREADS` in the environment (the latter wins). A count set
+with `torch.set_num_threads` before calling `configure_cpu_threads` is not seen (it is reset to one); call
+`torch.set_num_threads` afterwards instead. A GPU run is left alone.
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ class MixedPolicyGRPOTrainer(
             chat_template=self.chat_template,
             chat_template_kwargs=self.chat_template_kwargs,
             render=self._render_vlm_conversation if self._is_vlm else None,
+            tools=self.tools,
         )
         self._invalid_teacher_warnings = 0
         self._warned_full_generation = False
@@ -149,8 +150,8 @@ class MixedPolicyGRPOTrainer(
         blocks = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
                   else m for m in messages]
         return self._tokenizer.apply_chat_template(
-            blocks, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False,
-            **self.chat_template_kwargs,
+            blocks, tools=self.tools or None, chat_template=template, add_generation_prompt=add_generation_prompt,
+            tokenize=False, **self.chat_template_kwargs,
         )
 
     # ------------------------------------------------------------------------------------------------------------
