@@ -253,3 +253,10 @@ def test_shipped_demo_results_match_the_code(tmp_path):
     assert shipped["luffy"]["final_accuracy"] > shipped["grpo"]["final_accuracy"] == 0.0
     assert (ROOT / "docs" / "images" / "demo_curves.png").stat().st_mtime > 0
     assert FIXTURES.is_dir()
+
+
+def test_a_value_the_config_refuses_is_one_line(capsys):
+    """A value that parses but that the config refuses (`__post_init__`): its message, in one line, exit 2."""
+    assert main(["train", "--config", "demo_cpu", "--num_off_policy", "4", "--num_generations", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "num_off_policy" in err

@@ -262,7 +262,11 @@ def run(argv: list[str] | None = None):
             check_recipe_fields(path, parser)
             argv[i + 1] = str(path)
             break
-    return main(*parser.parse_args_and_config(argv))
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except ValueError as err:  # a value the config classes refuse (__post_init__): the message names the field
+        raise UsageError(f"{err} Fix it in the recipe file or on the command line.") from None
+    return main(*parsed)
 
 
 if __name__ == "__main__":
