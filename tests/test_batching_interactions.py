@@ -18,8 +18,11 @@ from conftest import attach_fake_vllm_server
 from luffy_trl.trainer import generation as trainer_generation
 
 LENGTHS = [3, 20, 5, 7, 2, 24, 9, 4, 11, 30]  # 24 and 30 reach max_completion_length: truncated rows
+# The cut layout (rows cut to their longest one): these tests are about the planner's row assignment, whose unequal
+# micro-batches some of them need; the packed layouts have their own tests (test_packing*.py).
 COMMON = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "num_generations": 4,
-          "max_completion_length": 24, "entropy_coef": 0.0, "off_policy_trigger": "all_fail"}
+          "max_completion_length": 24, "entropy_coef": 0.0, "off_policy_trigger": "all_fail",
+          "pack_sequences": "never"}
 
 
 def set_loss(trainer, loss_type):

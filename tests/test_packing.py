@@ -192,21 +192,29 @@ def test_old_log_probs_match_when_packed(packed_trainer):
     assert tokens["always"] < tokens["never"]
 
 
-def test_auto_packs_only_with_a_varlen_attention_implementation(tokenizer, tmp_path):
+def test_auto_takes_the_cheapest_layout_with_sdpa_and_one_sequence_with_a_varlen_kernel(tokenizer, tmp_path):
+    """'auto' packs every model that packs exactly: with sdpa/eager as 'bins' (per forward the cheapest of the cut
+    rows, bins and one sequence: measured never slower than cutting on CPU), with a varlen kernel one sequence."""
     trainer = make_trainer(tokenizer, tmp_path)
     assert trainer.args.pack_sequences == "auto"
-    assert trainer.model.config._attn_implementation == "sdpa" and not trainer._packing_enabled()
-    assert trainer._packing_verdict is None  # nothing requested, nothing checked
+    assert trainer.model.config._attn_implementation == "sdpa"
+    assert trainer._packing_requested() and trainer._bins_mode()
+    assert trainer._forward_layout([4, 4], [3, 30]) in ("cut", "bins", "one")
     trainer.model.config._attn_implementation = "flash_attention_2"
     try:
-        assert trainer._packing_requested()
+        assert trainer._packing_requested() and not trainer._bins_mode()
+        assert trainer._forward_layout([4, 4], [3, 30]) == "one"
         trainer._packing_verdict = True  # as if the first-forward check had passed (it needs the kernel to run)
         assert trainer._packing_enabled()
         trainer.args.padding_free_batches = False
         assert not trainer._packing_enabled()  # packing is part of padding-free batches
+        trainer.args.padding_free_batches = True
+        trainer.args.pack_sequences = "never"
+        assert not trainer._packing_requested()
     finally:
         trainer.model.config._attn_implementation = "sdpa"
         trainer.args.padding_free_batches = True
+        trainer.args.pack_sequences = "auto"
 
 
 def test_pack_sequences_rejects_unknown_values(tmp_path):

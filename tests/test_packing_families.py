@@ -257,7 +257,8 @@ def test_auto_trains_a_hybrid_model_padded_with_the_switch_off_gradients(tokeniz
     """Qwen3.5 (gated delta rule) with 'auto' and a varlen attention implementation: not packed (one warning, the
     metric), so every optimiser step's gradient is the switch-off arm's; packing it anyway would not be."""
     trainer = _family_trainer(tokenizer, tmp_path, "qwen3_5_text", pack_sequences="auto")
-    trainer._packing_requested = lambda: True  # what 'auto' does with flash_attention_2 / flex_attention
+    trainer._packing_requested = lambda: True  # what 'auto' does with flash_attention_2 / flex_attention:
+    trainer._bins_mode = lambda: False  # one packed sequence per forward
     cut_lengths(trainer, [3, 20, 5, 7, 2, 24, 9, 4, 11])
     cache_generation(trainer)
     with caplog.at_level(logging.WARNING, logger="luffy_trl.trainer.micro_batches"):
