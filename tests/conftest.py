@@ -22,6 +22,18 @@ THINK_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_sta
 assert THINK_TEMPLATE != CHATML_TEMPLATE
 
 build_tokenizer = toy_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _suite_keeps_torch_threads(monkeypatch):
+    """luffy-trl's commands run CPU jobs with one torch thread (`luffy_trl.threads`); inside the test process that
+    would stick for every later test and slow the suite down, so tests keep torch's own count (the tests of the
+    default set `DEFAULT_CPU_THREADS` themselves; subprocesses get the real default)."""
+    import torch
+
+    import luffy_trl.threads as threads
+
+    monkeypatch.setattr(threads, "DEFAULT_CPU_THREADS", torch.get_num_threads())
 contains_answer_reward = boxed_answer_reward
 
 

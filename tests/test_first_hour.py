@@ -158,6 +158,9 @@ def test_eval_command_refuses_what_it_cannot_load_before_loading_data(tmp_path, 
 # Threads
 # ---------------------------------------------------------------------------------------------------------------
 def test_cpu_runs_use_one_thread_unless_the_user_chose(monkeypatch):
+    import luffy_trl.threads as threads
+
+    monkeypatch.setattr(threads, "DEFAULT_CPU_THREADS", 1)  # the suite's fixture keeps torch's count otherwise
     before = torch.get_num_threads()
     try:
         assert chosen_thread_count({}) is None

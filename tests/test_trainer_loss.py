@@ -191,7 +191,8 @@ def test_teacher_rows_reuse_trls_fused_forward_without_full_logits(tokenizer, tm
 
     monkeypatch.setattr(chunked_logprob, "TOKEN_CHUNK_SIZE", 16)
 
-    trainer = make_trainer(tokenizer, tmp_path)
+    # TRL's padded layout, to compare call for call with stock (packed forwards: tests/test_packing*.py)
+    trainer = make_trainer(tokenizer, tmp_path, pack_sequences="never")
     model, vocab = trainer.model, len(tokenizer)
     inputs = make_inputs(vocab)
     stock_inputs = {k: v for k, v in inputs.items() if k != "is_off_policy"}
