@@ -11,8 +11,8 @@ REASONS = {
     "trainer.test_freq": "validation every N rollouts: LuffyEvalCallback(every=...) (docs/evaluation.md)",
     "trainer.val_before_train": "validation before training: run eval_luffy.py on the base model",
     "model.use_remove_padding": "verl's padding removal: here padding_free_batches (default on) cuts each "
-    "micro-batch to its real tokens, and pack_sequences='auto' packs it into one sequence with a flash-attention "
-    "model (docs/batching.md); no effect on the loss",
+    "micro-batch to its real tokens, and pack_sequences='auto' packs it (one sequence with flash attention, bins "
+    "with sdpa) for model families that pack exactly (docs/batching.md); no effect on the loss",
     "actor.use_dynamic_bsz": "verl's token-budget micro-batches; here gradient_accumulation_steps micro-batches "
     "(K, which scales the entropy bonus under loss_type luffy; docs/configuration.md) whose rows padding_free_batches "
     "assigns by length, token-balanced when packed (docs/batching.md)",

@@ -21,7 +21,8 @@ from luffy_trl.batching import bin_rows, choose_layout
 from luffy_trl.packing import NOT_PACKABLE, check_rows, model_type_of, packed_rows_agree, packing_support
 
 # Attention implementations whose packed-sequence path costs the sum of the rows' squared lengths (varlen kernels or
-# block-sparse masks); `pack_sequences="auto"` packs only with these.
+# block-sparse masks); with these `pack_sequences="auto"` packs into one sequence, without them it picks the cheapest of
+# cut rows, bins and one sequence per forward (as "bins").
 VARLEN_ATTENTION = ("flash", "flex_attention")
 
 logger = logging.getLogger("luffy_trl.trainer.micro_batches")  # one logger for the batching warnings
