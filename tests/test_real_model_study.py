@@ -87,3 +87,42 @@ def test_one_real_run_end_to_end(study, tmp_path, monkeypatch):
     assert {"on_policy/reward_mean", "rewards/boxed_rate/mean", "off_policy/shaping_weight_mean",
             "loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm"} <= set(result["mechanism"])
     assert study.run_one(tmp_path, "a", "luffy", 1e-3, 0) == result  # cached: not trained again
+
+
+def test_parallel_workers_claim_each_run_once_and_take_over_a_dead_workers_run(study, tmp_path):
+    import subprocess
+    import sys
+
+    folder = study.run_dir(tmp_path, "a", "luffy", 3e-4, 0)
+    assert study.claim(folder) and not study.claim(folder)  # this process holds it: nobody else gets it
+    study.release(folder)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "claim.json").write_text(json.dumps({"pid": dead.pid, "host": __import__("socket").gethostname()}))
+    assert study.claim(folder)  # its owner is gone: taken over
+    assert json.loads((folder / "claim.json").read_text())["pid"] == __import__("os").getpid()
+    # The grid's middle rates come first, arms interleaved.
+    assert study.planned_runs(tmp_path)[:3] == [("a", arm, study.PROTOCOL["lr_grid"][arm][1], 0)
+                                                for arm in study.MAIN_ARMS]
+
+
+def test_a_worker_takes_every_planned_run_in_order_once(study, tmp_path, monkeypatch):
+    """The worker loop with the training replaced: base evaluations first, then each regime's grid, its seeds and
+    its ablations; every run once; claims released."""
+    done = []
+
+    def fake_run_one(root, regime, arm, lr, seed, **kwargs):
+        done.append((regime, arm, lr, seed))
+        accuracy = 0.5 if lr == study.PROTOCOL["lr_grid"][arm if arm in study.MAIN_ARMS else "luffy"][1] else 0.1
+        fake_run(study, root, regime, arm, lr, seed, accuracy, {"id": [1.0]})
+
+    def fake_base(root, regime, **kwargs):
+        done.append((regime, "base"))
+        (root / "runs" / regime / "base" / "result.json").write_text("{}")
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "evaluate_base", fake_base)
+    assert study.worker(tmp_path, max_hours=None, max_runs=None, poll_seconds=0) == 2 * (9 + 6 + 2)
+    assert done[0] == ("a", "base") and done[18] == ("b", "base") and len(set(done)) == len(done)
+    assert done == [done[0], *study.planned_runs(tmp_path)[:17], done[18], *study.planned_runs(tmp_path)[17:]]
+    assert not list(tmp_path.glob("runs/**/claim.json"))

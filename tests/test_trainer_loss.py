@@ -407,3 +407,26 @@ def test_loss_term_grad_norms_are_the_gradients_of_each_rows_term(tokenizer, tmp
     assert logged["loss_terms/on_policy_grad_norm"] == pytest.approx(expected_on, rel=1e-5)
     assert logged["loss_terms/off_policy_grad_norm"] == pytest.approx(expected_off, rel=1e-5)
     assert expected_on > 0 and expected_off > 0 and total.requires_grad
+
+
+def test_loss_term_grad_norms_steps_computes_them_on_every_nth_optimiser_step(tokenizer, tmp_path):
+    """`loss_term_grad_norms_steps=N`: the norms (and their extra backward passes) on steps 0, N, 2N… only."""
+    trainer = make_trainer(tokenizer, tmp_path, log_loss_term_grad_norms=True, loss_term_grad_norms_steps=3,
+                           entropy_coef=0.0)
+    inputs = make_inputs(len(tokenizer))
+    trainer.accelerator.gradient_state._set_sync_gradients(True)
+    logged = []
+    for step in range(7):
+        trainer._metrics["train"].clear()
+        trainer.state.global_step = step
+        trainer._compute_loss(trainer.model, inputs)
+        logged.append("loss_terms/on_policy_grad_norm" in trainer._metrics["train"])
+    assert logged == [True, False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1.5])
+def test_loss_term_grad_norms_steps_must_be_a_positive_integer(steps, tmp_path):
+    from luffy_trl import MixedPolicyGRPOConfig
+
+    with pytest.raises(ValueError, match="loss_term_grad_norms_steps"):
+        MixedPolicyGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_term_grad_norms_steps=steps)

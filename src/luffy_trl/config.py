@@ -166,6 +166,13 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             `sft_loss_coef` × token-mean NLL).
         sft_loss_coef (`float`, defaults to `1.0`):
             Coefficient of the SFT term with `off_policy_loss="sft"` (LUFFY's `sft_loss_coef`).
+        log_loss_term_grad_norms (`bool`, defaults to `False`):
+            Log the gradient norms of the loss's on-policy term and of its teacher term separately
+            (`loss_terms/on_policy_grad_norm`, `loss_terms/off_policy_grad_norm`): a diagnostic costing two extra
+            backward passes per micro-batch; one process only.
+        loss_term_grad_norms_steps (`int`, defaults to `1`):
+            With `log_loss_term_grad_norms`, compute the norms on every N-th optimiser step only (the first, then every
+            N).
         live_teacher_url (`str` or `None`, defaults to `None`):
             An OpenAI-compatible endpoint asked in the background for traces of prompts that have none (not in
             LUFFY: its data has a trace per prompt). See docs/traces.md; the other `live_teacher_*` fields configure
@@ -345,6 +352,14 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             "MoE aux loss are in neither). A diagnostic of what drives training: two extra backward passes per "
             "micro-batch over the trainable parameters and two gradient-sized buffers (small with LoRA). One process "
             "only."
+        },
+    )
+    loss_term_grad_norms_steps: int = field(
+        default=1,
+        metadata={
+            "help": "With log_loss_term_grad_norms: compute the two norms on every N-th optimiser step only (the "
+            "first, then every N), so that the diagnostic's extra backward passes cost 1/N of them per step. 1: every "
+            "step."
         },
     )
 
@@ -577,6 +592,9 @@ class MixedPolicyGRPOConfig(GRPOConfig):
             raise ValueError("live_teacher_num_samples and live_teacher_concurrency must be at least 1.")
         if self.live_teacher_url is not None and self.num_off_policy == 0:
             raise ValueError("live_teacher_url fills teacher slots: it needs num_off_policy > 0.")
+        if not (isinstance(self.loss_term_grad_norms_steps, int) and self.loss_term_grad_norms_steps >= 1):
+            raise ValueError("loss_term_grad_norms_steps must be an integer >= 1 (1: every optimiser step), got "
+                             f"{self.loss_term_grad_norms_steps!r}.")
         coef = self.sft_loss_coef
         if not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef >= 0):
             raise ValueError(f"sft_loss_coef must be a finite number >= 0, got {coef!r}.")

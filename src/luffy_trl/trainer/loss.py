@@ -193,7 +193,8 @@ class MixedLossMixin:
 
         self._log_loss_metrics(mode, mask, off_rows, per_token_logps, entropies, losses,
                                per_token_kl if self.beta != 0.0 else None, sft_nll is not None)
-        if mode == "train" and self.args.log_loss_term_grad_norms:
+        if (mode == "train" and self.args.log_loss_term_grad_norms
+                and self.state.global_step % self.args.loss_term_grad_norms_steps == 0):
             # The normalisers are linear in the per-token loss: the two terms add up to the policy term.
             on_term = aggregate_loss(per_token_loss * (~off_rows), pg_mask, self.loss_type, **normaliser)
             off_term = aggregate_loss(per_token_loss * off_rows, pg_mask, self.loss_type, **normaliser)
