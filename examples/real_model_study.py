@@ -488,6 +488,8 @@ def main(argv=None):
     parser.add_argument("--max_hours", type=float, default=None, help="run: stop before a run that would not finish "
                         "within this many hours (estimated from sizing.json)")
     parser.add_argument("--max_runs", type=int, default=None, help="run: at most this many runs (per worker)")
+    parser.add_argument("--publish", default=None, help="report: also copy the figures and a compact record of every "
+                        "run (results and per-problem scores) into this folder, e.g. docs/images")
     parser.add_argument("--workers", type=int, default=1, help="run: this many worker processes taking runs in "
                         "parallel, one torch thread each (on 2 cores, 2 one-thread workers train 1.26x more steps per "
                         "hour than one two-thread process: 38 s per step each against 24 s)")
@@ -524,6 +526,9 @@ def main(argv=None):
         import real_model_study_report
 
         print(real_model_study_report.report(root))
+        if known.publish:
+            for path in real_model_study_report.publish(root, pathlib.Path(known.publish)):
+                print(f"wrote {path}")
 
 
 if __name__ == "__main__":

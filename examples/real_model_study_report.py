@@ -81,9 +81,11 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
                 data["differences"].setdefault(f"luffy-{other}", {})[name] = vars(diff)
                 cells.append(f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]")
             lines.append(f"| LUFFY − {study.LABELS[other]} | | | " + " | ".join(cells) + " |")
+    plot_grid(root, regime, runs)
     plot_curves(root, regime, groups)
     plot_mechanism(root, regime, groups)
-    lines += ["", f"![validation curves](curves_{regime}.png)", "", f"![mechanism](mechanism_{regime}.png)", ""]
+    lines += ["", f"![learning-rate grid](grid_{regime}.png)", "", f"![validation curves](curves_{regime}.png)", "",
+              f"![mechanism](mechanism_{regime}.png)", ""]
     return lines, data
 
 
@@ -91,9 +93,45 @@ def _band(ax, xs, series, color, label):
     import numpy as np
 
     values = np.array(series, dtype=float)
-    ax.plot(xs, np.nanmean(values, axis=0), color=color, label=label)
+    xs = np.asarray(list(xs))
+    logged = ~np.all(np.isnan(values), axis=0)  # a metric logged every few steps only: join its points
+    if not logged.any():
+        return
+    values, xs = values[:, logged], xs[logged]
+    ax.plot(xs, np.nanmean(values, axis=0), color=color, label=label, marker="." if logged.sum() < 30 else None)
     if len(values) > 1:
         ax.fill_between(xs, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.2)
+
+
+def plot_grid(root: pathlib.Path, regime: str, runs: list[dict]) -> None:
+    """Validation accuracy along training of every grid run (seed 0): one panel per arm, one line per rate, the base
+    model at step 0; the curves show whether the budget lets each arm flatten."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base_path = root / "runs" / regime / "base" / "result.json"
+    base = json.loads(base_path.read_text()).get("validation", {}).get("accuracy") if base_path.exists() else None
+    fig, axes = plt.subplots(1, len(study.MAIN_ARMS), figsize=(5 * len(study.MAIN_ARMS), 3.8), sharey=True)
+    for ax, arm in zip(axes, study.MAIN_ARMS):
+        for shade, lr in zip((0.45, 0.7, 1.0), study.PROTOCOL["lr_grid"][arm]):
+            run = next((r for r in runs if (r["arm"], r["lr"], r["seed"]) == (arm, lr, study.PROTOCOL["seeds"][0])),
+                       None)
+            if run is None:
+                continue
+            points = ([(0, base)] if base is not None else []) + [(p["step"], p["accuracy"])
+                                                                 for p in run["validation_curve"]]
+            ax.plot(*zip(*points), marker="o", color=study.COLORS[arm], alpha=shade, label=f"lr {lr:g}")
+        ax.set(title=study.LABELS[arm], xlabel="step", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left")
+    axes[0].set_ylabel("validation accuracy (greedy, 100 problems)")
+    fig.suptitle(f"Learning-rate grid, regime {regime}, seed 0 (the rate with the best final accuracy is chosen)")
+    fig.tight_layout()
+    fig.savefig(root / f"grid_{regime}.png", dpi=100)
+    plt.close(fig)
 
 
 def plot_curves(root: pathlib.Path, regime: str, groups: dict) -> None:
@@ -145,6 +183,31 @@ def plot_mechanism(root: pathlib.Path, regime: str, groups: dict) -> None:
     fig.tight_layout()
     fig.savefig(root / f"mechanism_{regime}.png", dpi=90)
     plt.close(fig)
+
+
+def publish(root: pathlib.Path, target: pathlib.Path) -> list[pathlib.Path]:
+    """Copy the report's figures and a compact record of every run (its result.json without the adapter, plus its
+    per-problem held-out scores in problem order) into `target`, for the docs: what the page shows can be audited
+    without the study's folder."""
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for png in sorted(root.glob("*.png")):
+        written.append(pathlib.Path(shutil.copy(png, target / f"study_{png.name}")))
+    record = {"protocol": study.PROTOCOL, "hash": study.protocol_hash(), "runs": [], "base": {}}
+    for run in load_runs(root):
+        folder = run.pop("folder")
+        run["scores"] = {}
+        for name in study.PROTOCOL["heldout_seeds"]:
+            scores = problem_scores(folder / "eval" / name / "scores.jsonl", name)
+            run["scores"][name] = [scores[p] for p in sorted(scores)]
+        record["runs"].append(run)
+    for base in sorted((root / "runs").glob("*/base/result.json")):
+        record["base"][base.parent.parent.name] = json.loads(base.read_text())
+    path = target / "study_runs.json"
+    path.write_text(json.dumps(record, default=str) + "\n")
+    return [*written, path]
 
 
 def report(root: pathlib.Path) -> str:

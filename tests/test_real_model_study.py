@@ -68,7 +68,13 @@ def test_rates_are_chosen_on_validation_and_the_report_has_intervals(study, tmp_
     luffy_id = data["regimes"]["a"]["table"]["luffy"]["id"]
     assert luffy_id["mean"] == pytest.approx((0.5 + 0.75 + 0.75) / 3) and luffy_id["seeds"] == 3
     assert luffy_id["low"] <= luffy_id["mean"] <= luffy_id["high"]
-    assert (tmp_path / "curves_a.png").exists() and (tmp_path / "mechanism_a.png").exists()
+    assert all((tmp_path / f"{name}_a.png").exists() for name in ("grid", "curves", "mechanism"))
+    published = report.publish(tmp_path, tmp_path / "docs")
+    record = json.loads((tmp_path / "docs" / "study_runs.json").read_text())
+    assert len(record["runs"]) == 9 + 4 and record["hash"] == study.protocol_hash()
+    luffy_seed1 = next(r for r in record["runs"] if (r["arm"], r["seed"]) == ("luffy", 1))
+    assert luffy_seed1["scores"]["id"] == [1.0, 1.0, 1.0, 0.0] and "folder" not in luffy_seed1
+    assert (tmp_path / "docs" / "study_grid_a.png") in published
 
 
 @requires_smollm
