@@ -240,6 +240,10 @@ def test_teacher_column_trajectory_values():
     (position, one), = teacher_traces(TRAJECTORY)
     assert position == 0 and isinstance(one, TeacherTrajectory) and list(one.messages) == TRAJECTORY
     assert one.text == "It is \\boxed{5}."
+    assert one.length_text == 'calc{"expression": "2+3"}5It is \\boxed{5}.'  # what "shortest" measures
+    long_result = TeacherTrajectory((TRAJECTORY[0], {**TRAJECTORY[1], "content": "5" * 400}, TRAJECTORY[2]))
+    direct = TeacherTrajectory((TRAJECTORY[0], TRAJECTORY[1], {"role": "assistant", "content": "It is 5, " * 20}))
+    assert len(long_result.text) < len(direct.text) and len(long_result.length_text) > len(direct.length_text)
     several = teacher_traces([TRAJECTORY, TRAJECTORY[:1] + [TRAJECTORY[1], {"role": "assistant", "content": "5"}]])
     assert [p for p, _ in several] == [0, 1] and all(isinstance(t, TeacherTrajectory) for _, t in several)
     arrow = [{**m, "name": None} if m["role"] == "assistant" else {**m, "tool_calls": None} for m in TRAJECTORY]

@@ -7,6 +7,7 @@ template, and `teacher_ids` ends with the token that ends an assistant turn (the
 
 from __future__ import annotations
 
+import json
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ class TeacherTrajectory:
     def text(self) -> str:
         """The assistant turns' text (for lengths and logs)."""
         return "".join(str(m.get("content") or "") for m in self.messages if m.get("role") == "assistant")
+
+    @property
+    def length_text(self) -> str:
+        """Everything the trajectory puts in the completion, tool calls and tool results included: what
+        `off_policy_trace_selection="shortest"` measures (a short answer after a long tool result is a long trace)."""
+        parts = []
+        for message in self.messages:
+            parts.append(str(message.get("content") or ""))
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                parts.append(str(function.get("name") or "") + json.dumps(function.get("arguments"), default=str))
+        return "".join(parts)
 
 
 def _is_trajectory(value) -> bool:

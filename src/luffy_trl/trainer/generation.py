@@ -113,8 +113,8 @@ class TeacherGenerationMixin:
                 continue
             lengths = rng = None
             if args.off_policy_trace_selection == "shortest" and len(traces) > 1:
-                lengths = [len(self._tokenizer(getattr(text, "text", text), add_special_tokens=False)["input_ids"])
-                           for _, text in traces]
+                measured = [getattr(text, "length_text", text) for _, text in traces]  # tool turns count too
+                lengths = [len(ids) for ids in self._tokenizer(measured, add_special_tokens=False)["input_ids"]]
             elif args.off_policy_trace_selection == "random" and len(traces) > 1:
                 rng = keyed_rng("trace", args.seed, step, generation, group)
             order = trace_order(len(traces), args.off_policy_trace_selection, lengths=lengths, rng=rng)
