@@ -274,7 +274,7 @@ class ValidationCallback(compare.TrainerCallback):
 
 MECHANISM = ("on_policy/reward_mean", "rewards/boxed_rate/mean", "entropy", "off_policy/shaping_weight_mean",
              "off_policy/prob_mean", "off_policy/sft_nll", "grad_norm", "loss",
-             "loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm")
+             "loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm", "loss_terms/grad_cosine")
 
 
 def run_one(root: pathlib.Path, regime: str, arm: str, lr: float, seed: int, protocol: dict = PROTOCOL,

@@ -400,10 +400,14 @@ def test_loss_term_grad_norms_are_the_gradients_of_each_rows_term(tokenizer, tmp
     trainer.accelerator.gradient_state._set_sync_gradients(True)  # the micro-batch that ends an optimiser step
     total = trainer._compute_loss(model, inputs)
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("loss_terms/")}
-    assert set(logged) == {"loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm"}
+    assert set(logged) == {"loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm",
+                           "loss_terms/grad_cosine"}
     trainer.args.log_loss_term_grad_norms = False
     expected_on = grad_norm(torch.where(off, 0.0, inputs["advantages"]))
     expected_off = grad_norm(torch.where(off, inputs["advantages"], 0.0))
+    both = grad_norm(inputs["advantages"])  # |a + b|² = |a|² + |b|² + 2|a||b|cos: the cosine, independently
+    cosine = (both ** 2 - expected_on ** 2 - expected_off ** 2) / (2 * expected_on * expected_off)
+    assert logged["loss_terms/grad_cosine"] == pytest.approx(cosine, abs=1e-5) and abs(cosine) > 1e-3  # sign seen
     assert logged["loss_terms/on_policy_grad_norm"] == pytest.approx(expected_on, rel=1e-5)
     assert logged["loss_terms/off_policy_grad_norm"] == pytest.approx(expected_off, rel=1e-5)
     assert expected_on > 0 and expected_off > 0 and total.requires_grad

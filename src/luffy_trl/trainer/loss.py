@@ -214,9 +214,14 @@ class MixedLossMixin:
             totals[name] = grads if name not in totals else [t + g for t, g in zip(totals[name], grads)]
         self._term_grads = totals
         if self.accelerator.sync_gradients:
+            norms = {}
             for name, grads in totals.items():
-                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
-                self._metrics["train"][f"loss_terms/{name}_grad_norm"].append(norm)
+                norms[name] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+                self._metrics["train"][f"loss_terms/{name}_grad_norm"].append(norms[name])
+            # The angle between the two terms' gradients: < 0 when the sampled rows' term works against the teacher's.
+            dot = sum((a.float() * b.float()).sum() for a, b in zip(totals["on_policy"], totals["off_policy"]))
+            scale = norms["on_policy"] * norms["off_policy"]
+            self._metrics["train"]["loss_terms/grad_cosine"].append(float(dot) / scale if scale > 0 else float("nan"))
             self._term_grads = None
 
     def _update_adaptive_entropy(self, entropies, effective_mask) -> None:
