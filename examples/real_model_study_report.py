@@ -62,7 +62,7 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
         lines.append("| base model (step 0) | | | " + " | ".join(f"{base[s]['accuracy']:.3f}" for s in sets) + " |")
     groups = {}
     for arm in (*study.MAIN_ARMS, *study.ABLATIONS):
-        lr = chosen.get("luffy" if arm in study.ABLATIONS else arm)
+        lr = chosen.get(study.ABLATIONS.get(arm, arm))
         members = [r for r in runs if r["arm"] == arm and r["lr"] == lr]
         if not members:
             continue

@@ -57,7 +57,7 @@ def test_rates_are_chosen_on_validation_and_the_report_has_intervals(study, tmp_
     pending = [r for r in study.planned_runs(tmp_path) if r[0] == "a" and r[3] != 0 or r[1] in study.ABLATIONS]
     assert {(r[1], r[2]) for r in pending} == {("grpo", chosen["grpo"]), ("luffy", chosen["luffy"]),
                                                ("sft", chosen["sft"]), ("rl_sft_loss", chosen["luffy"]),
-                                               ("no_shaping", chosen["luffy"])}
+                                               ("no_shaping", chosen["luffy"]), ("grpo_no_entropy", chosen["grpo"])}
     for seed in (1, 2):
         fake_run(study, tmp_path, "a", "luffy", chosen["luffy"], seed, 0.6, {s: [1.0, 1.0, 1.0, 0.0] for s in sets})
         fake_run(study, tmp_path, "a", "grpo", chosen["grpo"], seed, 0.3, {s: [1.0, 0.0, 0.0, 0.0] for s in sets})
@@ -128,7 +128,7 @@ def test_a_worker_takes_every_planned_run_in_order_once(study, tmp_path, monkeyp
 
     monkeypatch.setattr(study, "run_one", fake_run_one)
     monkeypatch.setattr(study, "evaluate_base", fake_base)
-    assert study.worker(tmp_path, max_hours=None, max_runs=None, poll_seconds=0) == 2 * (9 + 6 + 2)
-    assert done[0] == ("a", "base") and done[18] == ("b", "base") and len(set(done)) == len(done)
-    assert done == [done[0], *study.planned_runs(tmp_path)[:17], done[18], *study.planned_runs(tmp_path)[17:]]
+    assert study.worker(tmp_path, max_hours=None, max_runs=None, poll_seconds=0) == 2 * (9 + 6 + 3)
+    assert done[0] == ("a", "base") and done[19] == ("b", "base") and len(set(done)) == len(done)
+    assert done == [done[0], *study.planned_runs(tmp_path)[:18], done[19], *study.planned_runs(tmp_path)[18:]]
     assert not list(tmp_path.glob("runs/**/claim.json"))
