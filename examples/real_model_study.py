@@ -23,9 +23,10 @@ under a protocol fixed in this file before the first result.
   1 teacher, policy shaping γ = 0.1, the paper recipe's loss (`loss_type: luffy`, no clip, entropy 0.001). `sft`:
   TRL's `SFTTrainer` on the same traces (one per prompt, the prompts of each RL step). Ablations, at one seed and
   LUFFY's chosen learning rate: `rl_sft_loss` (`off_policy_loss: sft`, the paper's "RL w/ SFT loss") and
-  `no_shaping` (`off_policy_shaping: none`); at GRPO's chosen rate, `grpo_no_entropy` (`entropy_coef: 0`: added after the
-  first GRPO run, as a probe of what the entropy bonus does when the reward is zero). Every arm: LoRA r 16 on the attention projections, `STEPS` optimiser
-  steps of `PROMPTS_PER_STEP` prompts, completions of at most `MAX_COMPLETION` tokens.
+  `no_shaping` (`off_policy_shaping: none`); at GRPO's chosen rate, `grpo_no_entropy` (`entropy_coef: 0`: added after
+  the first GRPO run, as a probe of what the entropy bonus does when the reward is zero). Every arm: LoRA r 16 on the
+  attention projections, `STEPS` optimiser steps of `PROMPTS_PER_STEP` prompts, completions of at most
+  `MAX_COMPLETION` tokens.
 - *Learning rates.* Each main arm's rate is chosen from `LR_GRID[arm]` (three values spanning 10×) by its final
   validation accuracy at seed 0 (ties: the smaller rate); the whole grid is reported.
 - *Seeds.* The chosen rate of each main arm at `SEEDS`; means over seeds and problems with 95% intervals from a
