@@ -383,8 +383,10 @@ def estimate_hours(sizing: dict | None, arm: str, protocol: dict = PROTOCOL, roo
         walls = [w for w in (json.loads(p.read_text()).get("wall_seconds") for p in results) if w]
         if walls:
             return sum(walls) / len(walls) / 3600
-    if sizing is None:
-        return float("nan")
+    if sizing is None:  # the longest finished run of any arm (RL arms cost about the same), else unknown
+        walls = [json.loads(p.read_text()).get("wall_seconds") for p in (root / "runs").glob("*/*/*/*/result.json")
+                 ] if root is not None else []
+        return max([w for w in walls if w], default=float("nan")) / 3600
     evaluations = protocol["steps"] // protocol["eval_every"] + 1
     problems = evaluations * protocol["validation"]["rows"] + len(protocol["heldout_seeds"]) * protocol["heldout_rows"]
     return (sizing[arm] * protocol["steps"] + sizing["eval_100_problems"] * problems / 100) / 3600
@@ -482,8 +484,8 @@ def plan(root: pathlib.Path) -> str:
     pending = sum(not (run_dir(root, *r) / "result.json").exists() for r in planned_runs(root))
     head = (f"protocol {protocol_hash()}: {len(lines)} runs known now ({pending} pending, about {total:.1f} h of "
             "machine time); the seed and ablation runs of a regime appear once its grid is done.")
-    if sizing is None:
-        head += " Run `size` first for the estimates."
+    if total != total:
+        head += " Run `size` first for the estimates (or finish one run: its wall time is the estimate)."
     return "\n".join([head, *lines])
 
 
