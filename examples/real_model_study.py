@@ -331,16 +331,21 @@ def evaluate_base(root: pathlib.Path, regime: str, protocol: dict = PROTOCOL) ->
     from luffy_trl.evaluation import TransformersBackend, run_evaluation
 
     out = root / "runs" / regime / "base"
-    if (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
+    cached = json.loads((out / "result.json").read_text()) if (out / "result.json").exists() else None
+    if cached is not None and "trace_logprob" in cached:
+        return cached
     data = datasets(regime, protocol)
     greedy = compare.greedy_protocol(protocol["max_completion"])
     script_args, args, model_args = compare.train_luffy.make_parser().parse_args_and_config(
         ["--config", str(compare.recipe_path(protocol["recipe"])), "--output_dir", str(out)])
     model, tokenizer, _, _, _ = compare.train_luffy.build_pretrained(script_args, args, model_args)
     model.eval()
-    result = {"protocol": protocol_hash(protocol), "regime": regime}
-    for name in ("validation", *protocol["heldout_seeds"]):
+    result = cached or {"protocol": protocol_hash(protocol), "regime": regime}
+    # The same 50 `id` teacher solutions as every run's `trace_logprob` (older base results lack it: added here).
+    result["trace_logprob"] = compare.trace_logprob(
+        model, tokenizer, list(data["id"]["prompt"][:50]),
+        [t[0] if isinstance(t, list) else t for t in data["id"]["target"][:50]])
+    for name in ("validation", *protocol["heldout_seeds"]) if cached is None else ():
         problems = problems_of(name, data[name], root / "data" / regime)
         results = run_evaluation(TransformersBackend(model, tokenizer), problems, greedy, out / "eval" / name,
                                  model_name="base", batch_size=EVAL_BATCH, progress=False)

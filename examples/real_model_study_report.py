@@ -56,6 +56,22 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
             lines.append(f"| {study.LABELS[arm]} | {lr:g} | {curve[-1]:.3f} | {max(curve):.3f} | "
                          f"{'✓' if chosen.get(arm) == lr else ''} |")
     sets = list(study.PROTOCOL["heldout_seeds"])
+    lines += ["", "### Every run (held-out accuracy is reported, never used for a choice)", "",
+              "| arm | rate | seed | validation (final) | " + " | ".join(sets) + " | teacher-trace log-lik./token | "
+              "on-policy reward, steps 1-20 → 81-100 | entropy, steps 1-20 → 81-100 | wall time |",
+              "|---|---|---|---|" + "---|" * len(sets) + "---|---|---|---|"]
+    if base is not None:
+        lines.append(f"| base model (step 0) | | | {base['validation']['accuracy']:.3f} | "
+                     + " | ".join(f"{base[s]['accuracy']:.3f}" for s in sets)
+                     + f" | {base.get('trace_logprob', float('nan')):.2f} | | | |")
+    for run in sorted(runs, key=lambda r: (list(study.LABELS).index(r["arm"]), r["lr"], r["seed"])):
+        mechanism = run["mechanism"]
+        lines.append(f"| {study.LABELS[run['arm']]} | {run['lr']:g} | {run['seed']} | "
+                     f"{run['validation_curve'][-1]['accuracy']:.3f} | "
+                     + " | ".join(f"{run['heldout'][s]['accuracy']:.3f}" if s in run["heldout"] else "" for s in sets)
+                     + f" | {run.get('trace_logprob', float('nan')):.2f} | "
+                     f"{_ends(mechanism.get('on_policy/reward_mean'))} | {_ends(mechanism.get('entropy'))} | "
+                     f"{run.get('wall_seconds', float('nan')) / 60:.0f} min |")
     lines += ["", "### Held-out accuracy: mean over seeds and problems [95% bootstrap interval]", "",
               "| arm | rate | seeds | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
     if base is not None:
@@ -87,6 +103,15 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
     lines += ["", f"![learning-rate grid](grid_{regime}.png)", "", f"![validation curves](curves_{regime}.png)", "",
               f"![mechanism](mechanism_{regime}.png)", ""]
     return lines, data
+
+
+def _ends(values, window: int = 20) -> str:
+    """`first-window mean → last-window mean` of a per-step series ('' when the run has none)."""
+    values = [v for v in (values or ()) if v is not None]
+    if not values:
+        return ""
+    head, tail = values[:window], values[-window:]
+    return f"{sum(head) / len(head):.3f} → {sum(tail) / len(tail):.3f}"
 
 
 def _band(ax, xs, series, color, label):
