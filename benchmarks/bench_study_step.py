@@ -67,8 +67,8 @@ def launch(arm: str, steps: int, threads: int, term_norms: bool, workdir: str) -
     out = pathlib.Path(workdir) / f"{arm}-{threads}-{term_norms}.json"
     code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import bench_study_step as b; "
             f"json.dump(b.child({arm!r}, {steps}, {term_norms}, {workdir!r} + '/run'), open({str(out)!r}, 'w'))")
-    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    log = open(out.with_suffix(".log"), "w")
+    process = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
     process.result_path = out
     return process
 
@@ -77,7 +77,8 @@ def collect(processes) -> list[dict]:
     results = []
     for process in processes:
         if process.wait() != 0:
-            raise SystemExit(f"a timed run failed (exit {process.returncode})")
+            tail = process.result_path.with_suffix(".log").read_text()[-3000:]
+            raise SystemExit(f"a timed run failed (exit {process.returncode}):\n{tail}")
         results.append(json.loads(process.result_path.read_text()))
     return results
 

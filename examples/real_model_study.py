@@ -10,7 +10,8 @@ under a protocol fixed in this file before the first result.
 **The protocol** (`PROTOCOL`, hashed into every result; `report` refuses to mix results of another protocol):
 
 - *Task.* Arithmetic word problems (`luffy_trl.tasks.arithmetic`) scored by math-verify on the `\\boxed{}` answer.
-  Regime `a`: the base model never writes `\\boxed{}`, so its sampled reward is about zero (GRPO cannot start).
+  Regime `a`: the base model rarely writes `\\boxed{}` (17.5% of its greedy in-distribution answers) and its sampled
+  reward is about zero (GRPO cannot start).
   Regime `b`: the instruction shows the answer format (`\\boxed{57}`), so the base model scores some problems and GRPO
   learns too (the paper's main-table situation); its base accuracy is measured on the validation split only.
 - *Data.* `TRAIN_ROWS` training problems with worked teacher solutions (seed 0), drawn in the same order by every arm

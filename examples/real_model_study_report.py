@@ -99,7 +99,11 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
             lines.append(f"| LUFFY − {study.LABELS[other]} | | | " + " | ".join(cells) + " |")
     plot_grid(root, regime, runs)
     plot_curves(root, regime, groups)
-    plot_mechanism(root, regime, groups)
+    # The mechanism of each arm at its chosen rate; an arm whose grid is not done yet shows its grid's middle rate.
+    shown = {arm: groups.get(arm) or [r for r in runs if r["arm"] == arm
+                                      and r["lr"] == study.PROTOCOL["lr_grid"][arm][1]] for arm in study.MAIN_ARMS}
+    shown.update({arm: members for arm, members in groups.items() if arm not in shown})
+    plot_mechanism(root, regime, {arm: members for arm, members in shown.items() if members})
     lines += ["", f"![learning-rate grid](grid_{regime}.png)", "", f"![validation curves](curves_{regime}.png)", "",
               f"![mechanism](mechanism_{regime}.png)", ""]
     return lines, data
@@ -198,13 +202,14 @@ def plot_mechanism(root: pathlib.Path, regime: str, groups: dict) -> None:
             series = [r["mechanism"][key] for r in members if key in r["mechanism"]]
             if series:
                 width = min(len(s) for s in series)
+                label = f"{study.LABELS[arm]}, lr {members[0]['lr']:g} ({len(members)} seed{'s' * (len(members) > 1)})"
                 _band(ax, range(1, width + 1), [[float("nan") if v is None else v for v in s[:width]]
-                                                for s in series], study.COLORS[arm], study.LABELS[arm])
+                                                for s in series], study.COLORS[arm], label)
         ax.set(title=key, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    max(axes.flat, key=lambda ax: len(ax.get_legend_handles_labels()[0])).legend(fontsize=7)  # the panel with every arm
     fig.tight_layout()
     fig.savefig(root / f"mechanism_{regime}.png", dpi=90)
     plt.close(fig)
