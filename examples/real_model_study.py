@@ -505,8 +505,9 @@ def main(argv=None):
     parser.add_argument("--publish", default=None, help="report: also copy the figures and a compact record of every "
                         "run (results and per-problem scores) into this folder, e.g. docs/images")
     parser.add_argument("--workers", type=int, default=1, help="run: this many worker processes taking runs in "
-                        "parallel, one torch thread each (on 2 cores, 2 one-thread workers train 1.26x more steps per "
-                        "hour than one two-thread process: 38 s per step each against 24 s)")
+                        "parallel, one torch thread each (on 2 cores, 2 one-thread workers train 1.21x more steps per "
+                        "hour than one two-thread process: 33 s per step each against 20 s; "
+                        "benchmarks/bench_study_step.py)")
     known = parser.parse_args(argv)
     root = pathlib.Path(known.output_dir)
     root.mkdir(parents=True, exist_ok=True)
