@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import pathlib
 import socket
@@ -317,14 +318,20 @@ def run_one(root: pathlib.Path, regime: str, arm: str, lr: float, seed: int, pro
     result = {
         "protocol": protocol_hash(protocol), "regime": regime, "arm": arm, "lr": lr, "seed": seed,
         "validation_curve": callback.curve, "heldout": heldout,
-        "trace_logprob": compare.trace_logprob(model, tokenizer, list(data["id"]["prompt"][:50]),
-                                               [t[0] if isinstance(t, list) else t for t in data["id"]["target"][:50]]),
+        "trace_logprob": id_trace_logprob(model, tokenizer, data),
         "mechanism": {key: [h.get(key) for h in logs] for key in MECHANISM if any(key in h for h in logs)},
         "train_seconds": train_seconds, "eval_seconds": callback.seconds, "wall_seconds": time.perf_counter() - start,
         "torch_threads": torch.get_num_threads(), "workers": int(os.environ.get("LUFFY_STUDY_WORKERS", "1")),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def id_trace_logprob(model, tokenizer, data: dict, rows: int = 50) -> float:
+    """Mean per-token log-likelihood of the first `rows` teacher solutions of the `id` held-out set: how far a model
+    has moved towards the teacher, whatever greedy decoding makes of it (every run and the base model)."""
+    targets = [t[0] if isinstance(t, list) else t for t in data["id"]["target"][:rows]]
+    return compare.trace_logprob(model, tokenizer, list(data["id"]["prompt"][:rows]), targets)
 
 
 def evaluate_base(root: pathlib.Path, regime: str, protocol: dict = PROTOCOL) -> dict:
@@ -342,10 +349,7 @@ def evaluate_base(root: pathlib.Path, regime: str, protocol: dict = PROTOCOL) ->
     model, tokenizer, _, _, _ = compare.train_luffy.build_pretrained(script_args, args, model_args)
     model.eval()
     result = cached or {"protocol": protocol_hash(protocol), "regime": regime}
-    # The same 50 `id` teacher solutions as every run's `trace_logprob` (older base results lack it: added here).
-    result["trace_logprob"] = compare.trace_logprob(
-        model, tokenizer, list(data["id"]["prompt"][:50]),
-        [t[0] if isinstance(t, list) else t for t in data["id"]["target"][:50]])
+    result["trace_logprob"] = id_trace_logprob(model, tokenizer, data)  # older base results lack it: added here
     for name in ("validation", *protocol["heldout_seeds"]) if cached is None else ():
         problems = problems_of(name, data[name], root / "data" / regime)
         results = run_evaluation(TransformersBackend(model, tokenizer), problems, greedy, out / "eval" / name,
@@ -381,18 +385,23 @@ def size(root: pathlib.Path, steps: int = 2) -> dict:
     return sizing
 
 
+def _finished_walls(root: pathlib.Path | None, arm: str = "*") -> list[float]:
+    """Wall seconds of the finished runs of `arm` (every arm with "*")."""
+    if root is None:
+        return []
+    results = (json.loads(p.read_text()) for p in (root / "runs").glob(f"*/{arm}/*/*/result.json"))
+    return [r["wall_seconds"] for r in results if r.get("wall_seconds")]
+
+
 def estimate_hours(sizing: dict | None, arm: str, protocol: dict = PROTOCOL, root: pathlib.Path | None = None) -> float:
-    """A run's wall time: the mean of the arm's finished runs when there are some (they ran under the study's own
-    conditions), else from sizing.json (training steps, validation every `eval_every` steps, the held-out sets)."""
-    for like in ((arm, ABLATIONS[arm]) if arm in ABLATIONS else (arm,)) if root is not None else ():
-        results = (root / "runs").glob(f"*/{like}/*/*/result.json")
-        walls = [w for w in (json.loads(p.read_text()).get("wall_seconds") for p in results) if w]
-        if walls:
-            return sum(walls) / len(walls) / 3600
-    if sizing is None:  # the longest finished run of any arm (RL arms cost about the same), else unknown
-        walls = [json.loads(p.read_text()).get("wall_seconds") for p in (root / "runs").glob("*/*/*/*/result.json")
-                 ] if root is not None else []
-        return max([w for w in walls if w], default=float("nan")) / 3600
+    """A run's wall time: the mean of the arm's finished runs (an ablation: else of the arm it varies), which ran
+    under the study's own conditions; else from sizing.json (training steps, validation every `eval_every` steps,
+    the held-out sets); else the longest finished run of any arm (RL arms cost about the same); else unknown (NaN)."""
+    walls = _finished_walls(root, arm) or (_finished_walls(root, ABLATIONS[arm]) if arm in ABLATIONS else [])
+    if walls:
+        return sum(walls) / len(walls) / 3600
+    if sizing is None:
+        return max(_finished_walls(root), default=float("nan")) / 3600
     evaluations = protocol["steps"] // protocol["eval_every"] + 1
     problems = evaluations * protocol["validation"]["rows"] + len(protocol["heldout_seeds"]) * protocol["heldout_rows"]
     return (sizing[arm] * protocol["steps"] + sizing["eval_100_problems"] * problems / 100) / 3600
@@ -431,9 +440,12 @@ def _claim_is_live(path: pathlib.Path) -> bool:
         os.kill(owner["pid"], 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
-    return True
+    try:  # a killed worker its parent has not reaped yet is a zombie: dead
+        return pathlib.Path(f"/proc/{owner['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def release(folder: pathlib.Path) -> None:
@@ -490,7 +502,7 @@ def plan(root: pathlib.Path) -> str:
     pending = sum(not (run_dir(root, *r) / "result.json").exists() for r in planned_runs(root))
     head = (f"protocol {protocol_hash()}: {len(lines)} runs known now ({pending} pending, about {total:.1f} h of "
             "machine time); the seed and ablation runs of a regime appear once its grid is done.")
-    if total != total:
+    if math.isnan(total):
         head += " Run `size` first for the estimates (or finish one run: its wall time is the estimate)."
     return "\n".join([head, *lines])
 

@@ -2,6 +2,7 @@
 and one real run end to end (a tiny budget)."""
 
 import json
+import pathlib
 
 import pytest
 from conftest import requires_smollm
@@ -132,3 +133,25 @@ def test_a_worker_takes_every_planned_run_in_order_once(study, tmp_path, monkeyp
     assert done[0] == ("a", "base") and done[19] == ("b", "base") and len(set(done)) == len(done)
     assert done == [done[0], *study.planned_runs(tmp_path)[:18], done[19], *study.planned_runs(tmp_path)[18:]]
     assert not list(tmp_path.glob("runs/**/claim.json"))
+
+
+def test_a_killed_workers_claim_is_taken_over_before_its_parent_reaps_it(study, tmp_path):
+    """`run --workers 2` waits for its children in order, so a killed second worker stays a zombie (its pid still
+    answers signal 0) until the first ends: its run must be free all the same."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = pathlib.Path(f"/proc/{zombie.pid}/stat")
+    deadline = time.time() + 30
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.time() < deadline:
+        time.sleep(0.05)
+    folder = study.run_dir(tmp_path, "a", "grpo", 3e-4, 0)
+    folder.mkdir(parents=True)
+    (folder / "claim.json").write_text(json.dumps({"pid": zombie.pid, "host": socket.gethostname()}))
+    os.kill(zombie.pid, 0)  # the pid still answers: a plain signal-0 check would call the run taken
+    assert study.claim(folder)
+    zombie.wait()
