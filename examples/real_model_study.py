@@ -9,7 +9,8 @@ under a protocol fixed in this file before the first result.
 
 **The protocol** (`PROTOCOL`, hashed into every result; `report` refuses to mix results of another protocol):
 
-- *Task.* Arithmetic word problems (`luffy_trl.tasks.arithmetic`) scored by math-verify on the `\\boxed{}` answer.
+- *Task.* Arithmetic word problems (`luffy_trl.tasks.arithmetic`) scored by math-verify, the final answer written as
+  a number (`luffy_trl.rewards.number_reward`, in training and in every evaluation).
   Regime `a`: the base model rarely writes `\\boxed{}` (17.5% of its greedy in-distribution answers) and its sampled
   reward is about zero (GRPO cannot start).
   Regime `b`: the instruction shows the answer format (`\\boxed{57}`), so the base model scores some problems and GRPO
@@ -39,6 +40,11 @@ under a protocol fixed in this file before the first result.
 - *Mechanism.* Per step: on-policy reward, `\\boxed{}` rate of the sampled completions (a reward function with
   weight 0), entropy, mean shaping weight, teacher-token probability, and the gradient norms of the teacher and the
   on-policy terms separately (`log_loss_term_grad_norms`).
+
+*History.* The first protocol (`ca7fe7e3c833`) scored with math-verify alone. Its LUFFY run at 1e-4 reached 0.69
+held-out by answering "60 - 32": math-verify evaluates the expression, so the task paid for copying the operands and
+the operation. `scorer: number` was added and every run starts again; `real_model_study_rescore.py` scores the first
+protocol's kept generations both ways.
 
 Each run lives in `<output_dir>/runs/<regime>/<arm>/lr<rate>/seed<seed>/` and is skipped once its `result.json`
 exists, so the study resumes across sessions; `run` takes the pending runs in order (regime `a`'s grid, its seeds,
@@ -80,6 +86,9 @@ PROTOCOL = {
     "seeds": [0, 1, 2],
     "regimes": {"a": " Put the final answer in \\boxed{}.",
                 "b": " Give only the final number in \\boxed{}, for example \\boxed{57}."},
+    # Added after protocol ca7fe7e3c833 (LUFFY at 1e-4 scored 0.69 by answering "60 - 32", which math-verify
+    # evaluates): the training reward and every score need the answer written as a number (`number_reward`).
+    "scorer": "number",
 }
 MAIN_ARMS = ("grpo", "luffy", "sft")
 EVAL_BATCH = 100  # greedy evaluation: problems per generate() call (a speed setting, not part of the protocol)
@@ -140,14 +149,14 @@ def datasets(regime: str, protocol: dict = PROTOCOL) -> dict:
             **{name: phrased(d) for name, d in heldout.items()}}
 
 
-def problems_of(name: str, dataset, folder: pathlib.Path) -> list:
+def problems_of(name: str, dataset, folder: pathlib.Path, protocol: dict = PROTOCOL) -> list:
     from luffy_trl.evaluation import load_problems
     from luffy_trl.evaluation.runner import BenchmarkSpec
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.jsonl"
     dataset.to_json(str(path))
-    return load_problems(BenchmarkSpec(name, str(path)), system_prompt="keep")
+    return load_problems(BenchmarkSpec(name, str(path), scorer=protocol.get("scorer", "math")), system_prompt="keep")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -199,7 +208,7 @@ def build(arm: str, lr: float, seed: int, out: pathlib.Path, data: dict, protoco
 
     from luffy_trl import MixedPolicyGRPOTrainer
     from luffy_trl.data import prepare_luffy_dataset
-    from luffy_trl.rewards import math_reward
+    from luffy_trl.rewards import make_math_reward
 
     overrides = ["--num_generations", str(protocol["group"]),
                  "--per_device_train_batch_size", str(protocol["group"] * protocol["prompts_per_step"]),
@@ -219,7 +228,8 @@ def build(arm: str, lr: float, seed: int, out: pathlib.Path, data: dict, protoco
     args.shuffle_dataset = False
     if arm != "sft":
         args.reward_weights = [1.0, 0.0]
-        return MixedPolicyGRPOTrainer(model=model, reward_funcs=[math_reward, boxed_rate], args=args,
+        reward = make_math_reward(think_gate=False, numeric=protocol.get("scorer") == "number")
+        return MixedPolicyGRPOTrainer(model=model, reward_funcs=[reward, boxed_rate], args=args,
                                       train_dataset=train, processing_class=tokenizer,
                                       peft_config=get_peft_config(model_args))
     from trl import SFTConfig
@@ -254,8 +264,9 @@ def _in_order_sft_trainer():
 class ValidationCallback(compare.TrainerCallback):
     """Greedy validation accuracy and `\\boxed{}` rate every `every` steps and at the last."""
 
-    def __init__(self, trainer, problems, protocol, every: int):
+    def __init__(self, trainer, problems, protocol, every: int, folder: pathlib.Path | None = None):
         self.trainer, self.problems, self.protocol, self.every = trainer, problems, protocol, every
+        self.folder = folder  # each evaluation's generations, kept so that they can be scored again
         self.curve, self.seconds = [], 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -264,14 +275,19 @@ class ValidationCallback(compare.TrainerCallback):
 
     def evaluate(self, step: int) -> None:
         from luffy_trl.evaluation import TransformersBackend, evaluate
+        from luffy_trl.evaluation.runner import GenerationCache
 
         start = time.perf_counter()
+        cache = None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            cache = GenerationCache(self.folder / f"step{step}.jsonl")
         model = self.trainer.model
         was_training = model.training
         model.eval()
         try:
             summary = evaluate(TransformersBackend(model, self.trainer.processing_class), self.problems,
-                               self.protocol, batch_size=EVAL_BATCH)
+                               self.protocol, cache=cache, batch_size=EVAL_BATCH)
         finally:
             model.train(was_training)
         metrics = summary["benchmarks"]["validation"]
@@ -297,9 +313,9 @@ def run_one(root: pathlib.Path, regime: str, arm: str, lr: float, seed: int, pro
         return json.loads((out / "result.json").read_text())
     data = datasets(regime, protocol)
     greedy = compare.greedy_protocol(protocol["max_completion"])
-    validation = problems_of("validation", data["validation"], root / "data" / regime)
+    validation = problems_of("validation", data["validation"], root / "data" / regime, protocol)
     trainer = build(arm, lr, seed, out, data, protocol, list(extra))
-    callback = ValidationCallback(trainer, validation, greedy, protocol["eval_every"])
+    callback = ValidationCallback(trainer, validation, greedy, protocol["eval_every"], out / "validation")
     trainer.add_callback(callback)
     print(f"[{regime}/{arm} lr {lr:g} seed {seed}] {protocol['steps']} steps", flush=True)
     start = time.perf_counter()
@@ -310,7 +326,7 @@ def run_one(root: pathlib.Path, regime: str, arm: str, lr: float, seed: int, pro
     model.eval()
     heldout = {}
     for name in protocol["heldout_seeds"]:
-        problems = problems_of(name, data[name], root / "data" / regime)
+        problems = problems_of(name, data[name], root / "data" / regime, protocol)
         results = run_evaluation(TransformersBackend(model, tokenizer), problems, greedy, out / "eval" / name,
                                  model_name=f"{arm}-lr{lr:g}-seed{seed}", batch_size=EVAL_BATCH, progress=False)
         heldout[name] = results["benchmarks"][name]
@@ -351,7 +367,7 @@ def evaluate_base(root: pathlib.Path, regime: str, protocol: dict = PROTOCOL) ->
     result = cached or {"protocol": protocol_hash(protocol), "regime": regime}
     result["trace_logprob"] = id_trace_logprob(model, tokenizer, data)  # older base results lack it: added here
     for name in ("validation", *protocol["heldout_seeds"]) if cached is None else ():
-        problems = problems_of(name, data[name], root / "data" / regime)
+        problems = problems_of(name, data[name], root / "data" / regime, protocol)
         results = run_evaluation(TransformersBackend(model, tokenizer), problems, greedy, out / "eval" / name,
                                  model_name="base", batch_size=EVAL_BATCH, progress=False)
         result[name] = results["benchmarks"][name]
@@ -376,7 +392,7 @@ def size(root: pathlib.Path, steps: int = 2) -> dict:
         trainer.train()
         sizing[arm] = (time.perf_counter() - start) / steps
         print(f"{arm}: {sizing[arm]:.1f} s/step", flush=True)
-    problems = problems_of("validation", data["validation"], root / "data" / "a")
+    problems = problems_of("validation", data["validation"], root / "data" / "a", PROTOCOL)
     start = time.perf_counter()
     evaluate(TransformersBackend(trainer.model.eval(), trainer.processing_class), problems,
              compare.greedy_protocol(PROTOCOL["max_completion"]), batch_size=EVAL_BATCH)
@@ -452,16 +468,19 @@ def release(folder: pathlib.Path) -> None:
     (folder / "claim.json").unlink(missing_ok=True)
 
 
-def worker(root: pathlib.Path, max_hours: float | None, max_runs: int | None, poll_seconds: float = 60.0) -> int:
-    """Take pending runs (base evaluations first) until none is left, the time is up or `max_runs` are done; waits
-    while another worker holds the runs that decide what comes next (a regime's grid)."""
+def worker(root: pathlib.Path, max_hours: float | None, max_runs: int | None, poll_seconds: float = 60.0,
+           arms: set[str] | None = None) -> int:
+    """Take pending runs (of `arms` only, when given; base evaluations first) until none is left, the time is up or
+    `max_runs` are done; waits while another worker holds the runs that decide what comes next (a regime's grid)."""
     sizing = json.loads((root / "sizing.json").read_text()) if (root / "sizing.json").exists() else None
     start, done = time.perf_counter(), 0
     while max_runs is None or done < max_runs:
-        pending = [r for r in planned_runs(root) if not (run_dir(root, *r) / "result.json").exists()]
+        pending = [r for r in planned_runs(root) if not (run_dir(root, *r) / "result.json").exists()
+                   and (arms is None or r[1] in arms)]
         if not pending:
             if not any(_claim_is_live(p) for p in (root / "runs").glob("*/*/*/*/claim.json")):
-                print("every planned run is done", flush=True)
+                print(f"every planned run{'' if arms is None else ' of ' + ', '.join(sorted(arms))} is done",
+                      flush=True)
                 break
             time.sleep(poll_seconds)  # another worker's grid run decides the next runs
             continue
@@ -514,6 +533,8 @@ def main(argv=None):
     parser.add_argument("--max_hours", type=float, default=None, help="run: stop before a run that would not finish "
                         "within this many hours (estimated from sizing.json)")
     parser.add_argument("--max_runs", type=int, default=None, help="run: at most this many runs (per worker)")
+    parser.add_argument("--arms", default=None, help="run: only the runs of these arms, comma-separated (e.g. "
+                        "'sft' beside a worker on 'luffy': short runs fill the time a long one would not fit)")
     parser.add_argument("--publish", default=None, help="report: also copy the figures and a compact record of every "
                         "run (results and per-problem scores) into this folder, e.g. docs/images")
     parser.add_argument("--workers", type=int, default=1, help="run: this many worker processes taking runs in "
@@ -537,6 +558,7 @@ def main(argv=None):
         argv_child = [sys.executable, __file__, "run", "--output_dir", str(root), "--workers", "1"]
         argv_child += [] if known.max_hours is None else ["--max_hours", str(known.max_hours)]
         argv_child += [] if known.max_runs is None else ["--max_runs", str(known.max_runs)]
+        argv_child += [] if known.arms is None else ["--arms", known.arms]
         children = []
         for i in range(known.workers):
             children.append(subprocess.Popen(argv_child, env=env, stdout=open(root / f"worker{i}.log", "a"),
@@ -547,7 +569,12 @@ def main(argv=None):
         if any(codes):
             raise SystemExit(f"a worker failed (exit codes {codes}); see {root}/worker<i>.log")
     elif known.command == "run":
-        worker(root, known.max_hours, known.max_runs)
+        arms = None if known.arms is None else {a.strip() for a in known.arms.split(",") if a.strip()}
+        unknown = sorted((arms or set()) - set(MAIN_ARMS) - set(ABLATIONS))
+        if unknown:
+            raise SystemExit(f"--arms {known.arms!r}: unknown arm(s) {unknown}; the arms are "
+                             f"{', '.join([*MAIN_ARMS, *ABLATIONS])}")
+        worker(root, known.max_hours, known.max_runs, arms=arms)
         print(plan(root))
     else:
         import real_model_study_report

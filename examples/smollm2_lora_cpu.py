@@ -4,7 +4,7 @@
     python examples/smollm2_lora_cpu.py [--max_steps 4] [any `luffy-trl train` override]
 
 Runs the packaged recipe `smollm2_lora_cpu` through `luffy-trl train`'s code (chat template, LoRA, worked teacher
-solutions, `luffy_trl.rewards.math_reward`, metrics, checkpoints), prints the step time and the reward the model
+solutions, `luffy_trl.rewards.number_reward`, metrics, checkpoints), prints the step time and the reward the model
 starts at, then loads base model + saved adapter from `output_dir` and answers a held-out word problem.
 """
 

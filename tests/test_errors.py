@@ -37,6 +37,12 @@ def test_delta_without_clip(tmp_path):
         tiny_args(tmp_path, delta=2.0)
 
 
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_delta_is_ignored_outside_the_ppo_family_as_in_trl(tmp_path, loss_type):
+    """TRL applies delta to the PPO family only; a TRL user's delta with cispo/sapo/vespo is not an error."""
+    assert tiny_args(tmp_path, loss_type=loss_type, delta=2.0).delta == 2.0
+
+
 def test_missing_column_is_named_with_the_columns_present(tokenizer, tmp_path):
     expected = r"off_policy_column='teacher'.*columns present: \['prompt', 'ground_truth', 'target'\]"
     with pytest.raises(ValueError, match=expected):

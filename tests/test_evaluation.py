@@ -128,6 +128,37 @@ def test_scoring_hand_made_generations(think_tokenizer, tokenizer):
     assert "pass@2" not in summarize(plain, samples, pass_ks=[2])["benchmarks"]["mc"]  # 1 sample: k=2 left out
 
 
+class ExpressionBackend(FakeBackend):
+    """Answers each problem with an expression that equals its gold (`\\boxed{(g + 1) - 1}`), every third seed with
+    the number itself."""
+
+    def generate(self, prompts, protocol, seeds):
+        texts = [f"So \\boxed{{{self.golds[p]}}}." if s % 3 == 0 else f"So \\boxed{{({self.golds[p]} + 1) - 1}}."
+                 for p, s in zip(prompts, seeds)]
+        return [Generation(text, 7, False) for text in texts]
+
+
+def test_number_scored_benchmark_refuses_expressions_and_reports(tokenizer, tmp_path):
+    """`scorer="number"`: the expression answers math-verify accepts score 0; the benchmark counts in the math
+    average and gets its table row and chart (a `number` benchmark alone once crashed the chart)."""
+    rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in ((1, 1), (20, 3), (7, 8))]
+    path = write_jsonl(tmp_path / "sums.jsonl", rows)
+    protocol = LUFFY.with_overrides(num_samples="sums=3")
+    results = {}
+    for scorer in ("math", "number"):
+        problems = load_problems(BenchmarkSpec("sums", path, prompt_column="question", gold_column="answer",
+                                               scorer=scorer))
+        golds = {r.prompt_text: r.problem.gold for r in build_requests(problems, protocol, tokenizer)}
+        results[scorer] = run_evaluation(ExpressionBackend(tokenizer, golds), problems, protocol,
+                                         tmp_path / scorer, model_name="fake", progress=False)
+    seeds = [r.seed for r in build_requests(problems, protocol, tokenizer)]
+    assert results["math"]["benchmarks"]["sums"]["accuracy"] == 1.0
+    assert results["number"]["benchmarks"]["sums"]["accuracy"] == pytest.approx(sum(s % 3 == 0 for s in seeds) / 9)
+    assert results["number"]["averages"]["math"]["benchmarks"] == ["sums"]
+    assert (tmp_path / "number" / "results.png").stat().st_size > 1000
+    assert "| sums |" in (tmp_path / "number" / "results.md").read_text()
+
+
 def test_interrupted_run_resumes_to_the_same_files(toy_bench, tokenizer, tmp_path):
     problems = load_problems(toy_bench)
     protocol = LUFFY.with_overrides(num_samples="toy=5")  # 15 samples, batches of 3
@@ -231,6 +262,19 @@ def test_yaml_config_and_command_line(tmp_path):
     config.write_text(docs.split("```yaml\n", 1)[1].split("```", 1)[0])  # the docs' example parses as written
     (args,) = TrlParser((cli.EvalArguments,)).parse_args_and_config(["--config", str(config)])
     assert args.num_samples == "aime=16,aime25=16,amc=8" and args.tensor_parallel_size == 4
+
+
+def test_cli_picks_each_custom_benchmarks_scorer(tmp_path):
+    from trl import TrlParser
+
+    (args,) = TrlParser((cli.EvalArguments,)).parse_args_and_config(
+        ["--model_name_or_path", "m", "--benchmarks", "sums=a.jsonl", "quiz=b.jsonl", "free=c.jsonl", "aime",
+         "--number_benchmarks", "sums", "--choice_benchmarks", "quiz"])
+    specs = {spec.name: spec.scorer for spec in cli.benchmark_specs(args)}
+    assert specs == {"sums": "number", "quiz": "choice", "free": "math", "aime": "math"}
+    args.number_benchmarks = ["quiz"]
+    with pytest.raises(ValueError, match=r"\['quiz'\] named in both --choice_benchmarks and --number_benchmarks"):
+        cli.benchmark_specs(args)
 
 
 def test_tiny_model_end_to_end_on_every_benchmark(tokenizer, tmp_path):

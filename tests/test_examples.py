@@ -93,7 +93,7 @@ def test_smollm2_lora_real_model_path(tmp_path):
     trainer, answer = example.main(["--max_steps", "2", "--save_steps", "1", "--output_dir", str(tmp_path),
                                     "--max_completion_length", "48", "--demo_train_rows", "16"])
     first = trainer.state.log_history[0]
-    assert first["off_policy/reward_mean"] == 1.0  # the worked solutions verify with math_reward
+    assert first["off_policy/reward_mean"] == 1.0  # the worked solutions verify with number_reward
     assert first["off_policy/tokenization_fallback"] == 0  # SmolLM2's ChatML template + trace tokenize jointly
     assert (tmp_path / "checkpoint-1" / "adapter_model.safetensors").exists()
     assert (tmp_path / "adapter_model.safetensors").exists()

@@ -30,6 +30,29 @@ def test_protocol_data_are_disjoint_fixed_and_phrased_per_regime(study):
     assert len(study.protocol_hash()) == 12
 
 
+def test_answers_must_be_numbers_and_kept_generations_are_scored_again(study, tmp_path):
+    """The protocol scores with `number`: an unevaluated expression that math-verify finds equal is not an answer.
+    The re-scoring script finds such answers in kept generations."""
+    assert study.PROTOCOL["scorer"] == "number"
+    data = study.datasets("a")
+    problems = study.problems_of("id", data["id"].select(range(3)), tmp_path / "data" / "a")
+    assert {p.scorer for p in problems} == {"number"}
+    rescore = load("real_model_study_rescore")
+    folder = tmp_path / "runs" / "a" / "luffy" / "lr0.0001" / "seed0"
+    (folder / "eval" / "id").mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"regime": "a", "arm": "luffy", "lr": 1e-4, "seed": 0}))
+    a, b = data["id"][0]["ground_truth"], data["id"][1]["ground_truth"]
+    expression = f"{int(a) + 5} - 5"  # the first problem's answer written as a difference that equals it
+    texts = [expression, f"So the answer is \\boxed{{{b}}}.", "\\boxed{0}"]
+    lines = [json.dumps({"run": "r", "benchmark": "id", "problem": p.problem_id, "sample": 0, "text": t,
+                         "num_tokens": 5, "truncated": False}) for p, t in zip(problems, texts)]
+    (folder / "eval" / "id" / "generations.jsonl").write_text("\n".join(lines) + "\n")
+    [row] = rescore.rescore(tmp_path)
+    assert row["id"] == {"problems": 3, "math": pytest.approx(2 / 3), "number": pytest.approx(1 / 3),
+                         "expression_only": pytest.approx(1 / 3)}
+    assert "| luffy lr 0.0001 seed 0 | id | 0.667 | 0.333 | 0.333 |" in rescore.markdown([row])
+
+
 def fake_run(study, root, regime, arm, lr, seed, accuracy, correct):
     """A result.json and scores.jsonl as run_one writes them: `correct[set]` = per-problem scores."""
     folder = study.run_dir(root, regime, arm, lr, seed)
@@ -93,6 +116,7 @@ def test_one_real_run_end_to_end(study, tmp_path, monkeypatch):
     assert all((folder / "eval" / name / "scores.jsonl").exists() for name in result["heldout"])
     assert {"on_policy/reward_mean", "rewards/boxed_rate/mean", "off_policy/shaping_weight_mean",
             "loss_terms/on_policy_grad_norm", "loss_terms/off_policy_grad_norm"} <= set(result["mechanism"])
+    assert (folder / "validation" / "step1.jsonl").exists()  # kept, to be scored again
     assert study.run_one(tmp_path, "a", "luffy", 1e-3, 0) == result  # cached: not trained again
 
 
@@ -155,3 +179,24 @@ def test_a_killed_workers_claim_is_taken_over_before_its_parent_reaps_it(study, 
     os.kill(zombie.pid, 0)  # the pid still answers: a plain signal-0 check would call the run taken
     assert study.claim(folder)
     zombie.wait()
+
+
+def test_a_worker_limited_to_some_arms_takes_only_theirs(study, tmp_path, monkeypatch):
+    """`--arms sft`: the base evaluation, then SFT's grid and, once it is complete, SFT's seeds; nothing else."""
+    done = []
+
+    def fake_run_one(root, regime, arm, lr, seed, **kwargs):
+        done.append((regime, arm, lr, seed))
+        fake_run(study, root, regime, arm, lr, seed, 0.5 if lr == 1e-4 else 0.1, {"id": [1.0]})
+
+    def fake_base(root, regime, **kwargs):
+        done.append((regime, "base"))
+        (root / "runs" / regime / "base" / "result.json").write_text("{}")
+
+    monkeypatch.setattr(study, "run_one", fake_run_one)
+    monkeypatch.setattr(study, "evaluate_base", fake_base)
+    assert study.worker(tmp_path, max_hours=None, max_runs=None, poll_seconds=0, arms={"sft"}) == 2 * 5
+    runs = [r for r in done if len(r) == 4]
+    assert {r[1] for r in runs} == {"sft"} and len(set(runs)) == 10
+    assert [r for r in runs if r[0] == "a"][3:] == [("a", "sft", 1e-4, 1), ("a", "sft", 1e-4, 2)]
+    assert done[0] == ("a", "base")

@@ -24,13 +24,14 @@ from luffy_trl.rewards import (  # noqa: E402
     make_math_reward,
     math_reward,
     multiple_choice_reward,
+    number_reward,
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 BENCHMARKS = benchmark_dir()  # LUFFY's benchmark files, shipped with the package
 
-M, L, C = "math_reward", "luffy_math_reward", "multiple_choice_reward"
-REWARDS = {M: math_reward, L: luffy_math_reward, C: multiple_choice_reward}
+M, L, C, N = "math_reward", "luffy_math_reward", "multiple_choice_reward", "number_reward"
+REWARDS = {M: math_reward, L: luffy_math_reward, C: multiple_choice_reward, N: number_reward}
 
 PROSE_GOLD = (r"$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive integer with "
               r"$\mho(a)=0$")
@@ -152,6 +153,22 @@ CASES = [
     (C, "", "A", 0.0),
     (C, r"\boxed{10^{-4}\text{ eV}}", "A", 0.0),
     (C, r"\boxed{B}", "10^-4 eV", None),
+    # Numbers written as numbers (the arithmetic task): math-verify would accept the unevaluated expressions
+    (N, r"So Tom has \boxed{28} apples.", "28", 1.0),
+    (N, "60 - 32 = 28", "28", 1.0),
+    (N, r"\boxed{-5}", "-5", 1.0),
+    (N, r"\boxed{1,234}", "1234", 1.0),
+    (N, r"\boxed{3.5}", "3.5", 1.0),
+    (N, r"\boxed{29}", "28", 0.0),
+    (N, "60 - 32", "28", 0.0),
+    (N, r"\boxed{60 - 32}", "28", 0.0),
+    (N, "610 - 156 + 147", "601", 0.0),
+    (N, r"\boxed{\frac{56}{2}}", "28", 0.0),
+    (N, r"\boxed{28}\boxed{60-32}", "28", 0.0),
+    (N, "", "28", 0.0),
+    (N, r"\boxed{28}", "", None),
+    (M, "60 - 32", "28", 1.0),  # the hole number_reward closes
+    (M, r"\boxed{60 - 32}", "28", 1.0),
 ]
 
 
@@ -242,7 +259,7 @@ def test_trl_interface():
     """Name TRL logs, picklability, log_metric counts, `None` for unparseable golds, extra kwargs ignored."""
     from trl.trainer.utils import get_callable_name
 
-    assert [get_callable_name(r) for r in REWARDS.values()] == [M, L, C]
+    assert [get_callable_name(r) for r in REWARDS.values()] == [M, L, C, N]
     assert get_callable_name(make_math_reward(timeout=2, name="mine")) == "mine"
     restored = pickle.loads(pickle.dumps(luffy_math_reward))
     assert restored.__name__ == L and restored(["</think>\\boxed{1}"], ground_truth=["1"]) == [1.0]

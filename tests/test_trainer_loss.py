@@ -292,6 +292,21 @@ def test_every_trl_loss_type_and_level_equals_stock_without_teacher_rows(tokeniz
         assert our_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), key
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_a_fully_masked_micro_batch_logs_what_stock_logs(tokenizer, tmp_path, loss_type):
+    """Every completion token masked (mask_truncated_completions on an all-truncated micro-batch): without teacher
+    slots the metrics are TRL's (0 where no token counts), not NaN."""
+    trainer = make_trainer(tokenizer, tmp_path, num_off_policy=0, loss_type=loss_type, on_policy_clip=True)
+    inputs = make_inputs(len(tokenizer), off=(False,) * B)
+    inputs["completion_mask"] = torch.zeros_like(inputs["completion_mask"])
+    (ours, _, our_metrics), (stock, _, stock_metrics) = _stock_comparison(trainer, inputs)
+    assert ours.item() == pytest.approx(stock.item(), abs=1e-8)
+    assert set(stock_metrics) <= set(our_metrics)
+    for key, value in stock_metrics.items():
+        assert our_metrics[key] == pytest.approx(value, abs=1e-8, nan_ok=True), key
+    assert stock_metrics["entropy"] == 0.0
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_adaptive_entropy_equals_stock_without_teacher_rows(tokenizer, tmp_path, loss_type):
     """`use_adaptive_entropy`: the gate, the window statistics and the coefficient update match TRL's controller over

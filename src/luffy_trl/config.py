@@ -12,6 +12,7 @@ from trl import GRPOConfig
 
 from luffy_trl.guidance import OFF_POLICY_LOSSES, SCHEDULE_TARGETS, SCHEDULES, TRACE_SELECTIONS, TRIGGERS
 from luffy_trl.losses import ON_POLICY_SHAPINGS, SHAPING_FUNCTIONS
+from luffy_trl.objectives import PPO_LOSS_TYPES
 
 # Inherited GRPOConfig fields whose default luffy-trl changes to match LUFFY's released headline run
 # (`exp_scripts/train.sh` of ElliottYan/LUFFY; see docs/configuration.md for the full mapping and the reasons).
@@ -494,10 +495,11 @@ class MixedPolicyGRPOConfig(GRPOConfig):
         if not self.off_policy_column:
             raise ValueError("off_policy_column must name a dataset column (LUFFY's data uses 'target').")
         self._check_guidance()
-        if self.delta is not None and not self.on_policy_clip:
+        if self.delta is not None and not self.on_policy_clip and self.loss_type in PPO_LOSS_TYPES:
             raise ValueError(
-                "delta (two-sided clipping) only applies to the clipped on-policy objective: set on_policy_clip=True "
-                "or delta=None."
+                f"delta (two-sided clipping) only applies to the clipped on-policy objective of loss_type="
+                f"{self.loss_type!r}: set on_policy_clip=True or delta=None. (cispo, sapo and vespo ignore delta, "
+                "as in TRL.)"
             )
 
     def _check_shaping(self) -> None:

@@ -7,13 +7,18 @@ accept plain (`str`) and conversational (`[{"role": "assistant", "content": str}
   `<think>`); the text after it (up to a second `</think>`, as upstream's `split("</think>")[1]`) is verified against
   the gold answer with math-verify, gold first. 1.0 or 0.0.
 - `math_reward`: the same verification on the whole completion, without the think gate.
+- `number_reward`: `math_reward` whose final answer must also be written as a number (`28`, `-5`, `1,234`, `3.5`),
+  not as an expression that equals the gold (`60 - 32`, `\\frac{56}{2}`). math-verify, as LUFFY calls it, compares
+  values symbolically, so on arithmetic tasks it does the arithmetic for the model: a policy that copies the
+  operands and the operation out of the question scores 1.0. Use it for tasks whose answer is a computed number
+  (`luffy_trl.tasks.arithmetic`).
 - `multiple_choice_reward`: letter (or digit) answers such as GPQA, ARC-c and MMLU-Pro, for evaluation.
 
 A gold answer that does not parse gives `None` (TRL: "not applicable"; the row is left out of the reward mean) for
 every completion of its row. A completion whose verification does not finish within the time limit (or whose worker
 fails) scores 0.0. Both are counted and reported through TRL's `log_metric` as `rewards/<name>/gold_unparseable` and
 `rewards/<name>/timeouts` (counts per call). `make_math_reward` and `make_choice_reward` build variants with another
-time limit, think gate or name.
+time limit, think gate or name; `make_math_reward(numeric=True)` builds `number_reward`'s variants.
 
 Hard time limit. math-verify's own timeouts use `signal.alarm`, which only works in the main thread, and a signal
 cannot interrupt a long C call. Verification therefore runs in a per-process pool of persistent worker processes
@@ -97,16 +102,26 @@ def parse_gold(gold: str) -> list | None:
     return parsed if any(not isinstance(item, str) for item in parsed) else None
 
 
-def score_math(gold: str, answer: str | None) -> float | None:
+def score_math(gold: str, answer: str | None, numeric: bool = False) -> float | None:
     """1.0 if `answer` verifies against `gold` (gold first), 0.0 if not or if `answer` is None, None if the gold does
-    not parse. No time limit: call through a reward function, or in the main thread with your own limit."""
+    not parse. `numeric`: 0.0 also unless the extracted final answer is written as a decimal number (digits, an
+    optional sign, thousands commas, a decimal part): `\\boxed{28}` and "... = 28" count, `\\boxed{60 - 32}` and
+    "60 - 32" do not, although math-verify finds them equal to 28. No time limit: call through a reward function, or
+    in the main thread with your own limit."""
     gold_parsed = parse_gold(gold)
     if gold_parsed is None:
         return None
     if answer is None:
         return 0.0
     answer_parsed = parse(_latex2sympy_workarounds(answer), list(_ANSWER_CONFIG), parsing_timeout=None)
+    if numeric:
+        written = next((item for item in answer_parsed if isinstance(item, str)), None)
+        if written is None or not _NUMBER_LITERAL.fullmatch(written.replace(" ", "")):
+            return 0.0
     return float(verify(gold_parsed, answer_parsed, timeout_seconds=None))
+
+
+_NUMBER_LITERAL = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def normalize_choice(gold: str, labels: str = CHOICE_LABELS) -> str | None:
@@ -141,7 +156,7 @@ def score_choice(gold: str, answer: str | None) -> float | None:
     return float(answer is not None and extract_choice(answer) == gold_label)
 
 
-_SCORERS = {"math": score_math, "choice": score_choice}
+_SCORERS = {"math": score_math, "number": functools.partial(score_math, numeric=True), "choice": score_choice}
 
 
 def _last_boxed_too_long(text: str) -> bool:
@@ -383,7 +398,8 @@ class VerifiedReward:
     """A TRL reward function scoring completions against the `ground_truth` column in worker processes.
 
     Args:
-        kind: `"math"` (math-verify) or `"choice"` (option letters).
+        kind: `"math"` (math-verify), `"number"` (math-verify, the answer written as a number) or `"choice"`
+            (option letters).
         think_gate: score only the text after `</think>`; 0.0 without `</think>`.
         timeout: seconds per completion before it scores 0.0 (counted as a timeout).
         num_workers: worker processes for this process (shared by all rewards); default `default_num_workers()`.
@@ -430,8 +446,12 @@ def make_math_reward(
     timeout: float = DEFAULT_TIMEOUT,
     num_workers: int | None = None,
     name: str | None = None,
+    numeric: bool = False,
 ) -> VerifiedReward:
-    """A math-verify reward; `think_gate=True` is LUFFY's reward, `False` verifies the whole completion."""
+    """A math-verify reward; `think_gate=True` is LUFFY's reward, `False` verifies the whole completion.
+    `numeric=True` also requires the final answer to be written as a number (`score_number`)."""
+    if numeric:
+        return VerifiedReward("number", think_gate, timeout, num_workers, name or "number_reward")
     name = name or ("luffy_math_reward" if think_gate else "math_reward")
     return VerifiedReward("math", think_gate, timeout, num_workers, name)
 
@@ -449,4 +469,5 @@ def make_choice_reward(
 
 luffy_math_reward = make_math_reward(think_gate=True)
 math_reward = make_math_reward(think_gate=False)
+number_reward = make_math_reward(think_gate=False, numeric=True)
 multiple_choice_reward = make_choice_reward()

@@ -69,7 +69,7 @@ class LuffyScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["luffy_math_reward"],
         metadata={"help": "Reward functions: names in luffy_trl.rewards (luffy_math_reward, math_reward, "
-                          "multiple_choice_reward) or dotted import paths (my_lib.rewards.fn)."},
+                          "number_reward, multiple_choice_reward) or dotted import paths (my_lib.rewards.fn)."},
     )
     gguf_file: str | None = field(
         default=None, metadata={"help": "Load the model and tokenizer from this GGUF file inside model_name_or_path."}
@@ -101,7 +101,8 @@ def resolve_reward_funcs(names: list[str]):
             funcs.append(getattr(importlib.import_module(module), attr))
         else:
             raise ValueError(f"Unknown reward function {name!r}: use a name from luffy_trl.rewards "
-                             "(luffy_math_reward, math_reward, multiple_choice_reward) or a dotted import path.")
+                             "(luffy_math_reward, math_reward, number_reward, multiple_choice_reward) or a dotted "
+                             "import path.")
     return funcs
 
 

@@ -47,6 +47,9 @@ class EvalArguments:
                 "`answer`)."})
     choice_benchmarks: list[str] = field(default_factory=list, metadata={
         "help": "`name=path` benchmarks scored as multiple choice (option letters)."})
+    number_benchmarks: list[str] = field(default_factory=list, metadata={
+        "help": "`name=path` benchmarks whose answers must be written as a number (`\\boxed{28}`, not the "
+                "expression `\\boxed{60 - 32}` that math-verify also finds equal): tasks whose answer is computed."})
     protocol: str = field(default="luffy", metadata={"help": "'luffy' or 'r1'."})
     temperature: float | None = field(default=None, metadata={"help": "Override the protocol's temperature."})
     top_p: float | None = field(default=None, metadata={"help": "Override the protocol's top_p."})
@@ -71,11 +74,15 @@ class EvalArguments:
 
 def benchmark_specs(args: EvalArguments) -> list[BenchmarkSpec]:
     """The `BenchmarkSpec` of each entry of `args.benchmarks`."""
+    both = sorted(set(args.choice_benchmarks) & set(args.number_benchmarks))
+    if both:
+        raise ValueError(f"{both} named in both --choice_benchmarks and --number_benchmarks: give each one scorer")
     specs = []
     for entry in args.benchmarks:
         if "=" in entry:
             name, path = entry.split("=", 1)
-            scorer = "choice" if name in args.choice_benchmarks else "math"
+            scorer = ("choice" if name in args.choice_benchmarks
+                      else "number" if name in args.number_benchmarks else "math")
             specs.append(BenchmarkSpec(name, path, split=args.split, prompt_column=args.prompt_column,
                                        gold_column=args.gold_column, scorer=scorer))
         else:

@@ -10,6 +10,7 @@ rerun over a complete cache only re-scores.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from luffy_trl.evaluation.report import write_reports
 
 logger = logging.getLogger(__name__)
 
-SCORERS = ("math", "choice")
+SCORERS = ("math", "number", "choice")
 CACHE_FILE = "generations.jsonl"
 SCORES_FILE = "scores.jsonl"  # one line per scored sample, for statistics over problems (luffy_trl.evaluation.stats)
 _FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -51,7 +52,9 @@ class BenchmarkSpec:
         gold_column: the gold answer; None reads `reward_model.ground_truth` (LUFFY's files), `ground_truth` or
             `answer`.
         data_source: keep only the rows whose `data_source` column equals this (LUFFY's `valid.all.parquet`).
-        scorer: `"math"` (math-verify) or `"choice"` (option letters).
+        scorer: `"math"` (math-verify), `"number"` (math-verify, the answer written as a number: for tasks whose
+            answer is a computed number, where math-verify would accept the unevaluated expression) or `"choice"`
+            (option letters).
     """
 
     name: str
@@ -261,7 +264,8 @@ def score(requests: Sequence[Request], generations: Sequence[Generation], protoc
     metrics count as incorrect (LUFFY's denominator is every row)."""
     from luffy_trl.rewards import make_choice_reward, make_math_reward, prepare_answer
 
-    factories = {"math": make_math_reward, "choice": make_choice_reward}
+    factories = {"math": make_math_reward, "number": functools.partial(make_math_reward, numeric=True),
+                 "choice": make_choice_reward}
     scores: list[float | None] = [None] * len(requests)
     groups: dict[tuple[str, bool], list[int]] = {}
     for i, request in enumerate(requests):
@@ -292,8 +296,8 @@ def score(requests: Sequence[Request], generations: Sequence[Generation], protoc
 def summarize(requests: Sequence[Request], samples: Sequence[ScoredSample],
               pass_ks: Sequence[int] | None = None) -> dict:
     """Per-benchmark metrics (in order of first appearance) and the unweighted averages over the math benchmarks
-    (`"math"`, LUFFY's "Avg.") and over the multiple-choice ones (`"ood"`). `pass_ks` larger than a benchmark's
-    samples per problem are left out for that benchmark."""
+    (`"math"`, LUFFY's "Avg.", the `number`-scored ones included) and over the multiple-choice ones (`"ood"`).
+    `pass_ks` larger than a benchmark's samples per problem are left out for that benchmark."""
     by_problem: dict[str, dict[str, list[ScoredSample]]] = {}
     scorers: dict[str, str] = {}
     for request, sample in zip(requests, samples, strict=True):
@@ -305,8 +309,8 @@ def summarize(requests: Sequence[Request], samples: Sequence[ScoredSample],
         ks = default_pass_ks(k) if pass_ks is None else [j for j in pass_ks if j <= k]
         benchmarks[name] = benchmark_metrics(problems.values(), ks)
     averages = {}
-    for group, scorer in (("math", "math"), ("ood", "choice")):
-        members = {name: m for name, m in benchmarks.items() if scorers[name] == scorer}
+    for group, kinds in (("math", ("math", "number")), ("ood", ("choice",))):
+        members = {name: m for name, m in benchmarks.items() if scorers[name] in kinds}
         if members:
             averages[group] = average_metrics(members)
     return {"benchmarks": benchmarks, "averages": averages}

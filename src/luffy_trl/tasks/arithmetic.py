@@ -1,7 +1,8 @@
 """Small arithmetic word problems with worked teacher solutions, for real small models (e.g. SmolLM2-135M).
 
 Each row has a chat `prompt`, a worked `target` solution that ends with `\\boxed{answer}` (scored by
-`luffy_trl.rewards.math_reward`) and a `ground_truth`. Problems are two-digit additions and subtractions phrased as
+`luffy_trl.rewards.number_reward`: `math_reward` would also pay the unevaluated `60 - 32` for 28) and a
+`ground_truth`. Problems are two-digit additions and subtractions phrased as
 short stories; the teacher solution works column by column, so a weak model sees how to carry.
 `harder_dataset` holds problems no trace shows: three-digit operands and two operations in one story, for a held-out
 set that copying the traces' template cannot solve.

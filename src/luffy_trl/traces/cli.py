@@ -61,8 +61,10 @@ class TraceArguments:
     seed: int = field(default=0, metadata={"help": "Base seed of the per-sample seeds."})
     # verification and selection
     reward: str = field(default="math", metadata={
-        "help": "'math' (math-verify of the whole trace) or 'luffy_math' (the answer after </think>, LUFFY's "
-                "training reward).", "choices": ["math", "luffy_math"]})
+        "help": "'math' (math-verify of the whole trace), 'number' (the same, the answer written as a number: for "
+                "computed answers such as `--dataset arithmetic`, where math-verify also accepts `60 - 32` for 28) or "
+                "'luffy_math' (the answer after </think>, LUFFY's training reward).",
+        "choices": ["math", "number", "luffy_math"]})
     threshold: float = field(default=1.0, metadata={"help": "A trace is correct when its reward is at least this."})
     policy_model: str | None = field(default=None, metadata={
         "help": "The policy's tokenizer (Hub id or folder): lengths are counted in its tokens."})
@@ -124,7 +126,7 @@ def main(args: TraceArguments):
 
     configure_cpu_threads()
     from luffy_trl.evaluation.backends import load_tokenizer
-    from luffy_trl.rewards import luffy_math_reward, math_reward
+    from luffy_trl.rewards import luffy_math_reward, math_reward, number_reward
 
     dataset = load_input(args)
     teacher = build_teacher(args)
@@ -141,7 +143,8 @@ def main(args: TraceArguments):
     teacher_id = f"{args.teacher_url or ''}|{args.teacher_model}|{args.gguf_file or ''}|{args.api}"
     traces, summary = make_traces(
         dataset, teacher, cache_path=cache_path, teacher_id=teacher_id, protocol=protocol,
-        reward_funcs=luffy_math_reward if args.reward == "luffy_math" else math_reward, threshold=args.threshold,
+        reward_funcs={"luffy_math": luffy_math_reward, "number": number_reward}.get(args.reward, math_reward),
+        threshold=args.threshold,
         policy_tokenizer=policy_tokenizer, max_length=args.max_length, keep=args.keep, strip_think=args.strip_think,
         prompt_column=args.prompt_column, gold_column=args.gold_column,
         teacher_system_prompt=args.teacher_system_prompt, off_policy_column=args.off_policy_column,

@@ -293,7 +293,10 @@ class MixedLossMixin:
         n = len(terms)
         # NaN (left out of the logged average, as in TRL) where no process has such a token in this micro-batch: a 0
         # would pull the average down, and padding-free batches group the teacher rows into a few micro-batches.
-        means = torch.where(sums[n:] > 0, sums[:n] / sums[n:].clamp(min=1.0), float("nan")).tolist()
+        # Without teacher slots the trainer is GRPOTrainer, which logs 0 there (e.g. a micro-batch whose completions
+        # are all masked by mask_truncated_completions).
+        empty = 0.0 if self.num_off_policy == 0 else float("nan")
+        means = torch.where(sums[n:] > 0, sums[:n] / sums[n:].clamp(min=1.0), empty).tolist()
         # Per-sequence clip fractions of on-policy rows (NaN for teacher rows, ignored by nanmin/nanmax).
         seq = torch.stack([(low * clip_mask).sum(1), (high * clip_mask).sum(1)]) / clip_mask.sum(1)
         # Reduced locally first: padding-free micro-batches hold different row counts on different processes.
