@@ -261,3 +261,21 @@ def test_reward_functions_get_trls_arguments():
                                teacher_id="t", reward_funcs=reward, protocol=PROTOCOL2, progress=False)
     assert seen == [(["1+1?", "1+1?"], ["so \\boxed{1}", "so \\boxed{2}"], ["2", "2"], [7, 7], None)]
     assert out["target"] == [["so \\boxed{2}"]] and summary.correct == 1
+
+
+def test_make_traces_script_with_the_number_reward_drops_unevaluated_expressions(tmp_path):
+    """`--reward number`: a teacher that writes `\\boxed{a + b}` without the result gets no trace; with `--reward
+    math` math-verify evaluates the expression and keeps it."""
+    from luffy_trl.traces.cli import TraceArguments, main
+
+    def lazy(prompt: str) -> str:
+        return solve(prompt).split(" = ")[0].join(["So \\boxed{", "}"])
+
+    kept = {}
+    with FakeOpenAIServer(lazy) as server:
+        for reward in ("math", "number"):
+            args = TraceArguments(dataset="arithmetic", max_problems=3, output=str(tmp_path / f"{reward}.jsonl"),
+                                  teacher_url=server.base_url, teacher_model="fake", num_samples=1, progress=False,
+                                  reward=reward)
+            kept[reward] = main(args)[1].problems_with_trace
+    assert kept == {"math": 3, "number": 0}
