@@ -102,6 +102,10 @@ def parse_gold(gold: str) -> list | None:
     return parsed if any(not isinstance(item, str) for item in parsed) else None
 
 
+# A final answer written as a decimal number: digits, an optional sign, thousands commas, a decimal part.
+_NUMBER_LITERAL = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
 def score_math(gold: str, answer: str | None, numeric: bool = False) -> float | None:
     """1.0 if `answer` verifies against `gold` (gold first), 0.0 if not or if `answer` is None, None if the gold does
     not parse. `numeric`: 0.0 also unless the extracted final answer is written as a decimal number (digits, an
@@ -119,9 +123,6 @@ def score_math(gold: str, answer: str | None, numeric: bool = False) -> float | 
         if written is None or not _NUMBER_LITERAL.fullmatch(written.replace(" ", "")):
             return 0.0
     return float(verify(gold_parsed, answer_parsed, timeout_seconds=None))
-
-
-_NUMBER_LITERAL = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def normalize_choice(gold: str, labels: str = CHOICE_LABELS) -> str | None:
@@ -449,7 +450,7 @@ def make_math_reward(
     numeric: bool = False,
 ) -> VerifiedReward:
     """A math-verify reward; `think_gate=True` is LUFFY's reward, `False` verifies the whole completion.
-    `numeric=True` also requires the final answer to be written as a number (`score_number`)."""
+    `numeric=True` also requires the final answer to be written as a number (`score_math(numeric=True)`)."""
     if numeric:
         return VerifiedReward("number", think_gate, timeout, num_workers, name or "number_reward")
     name = name or ("luffy_math_reward" if think_gate else "math_reward")

@@ -102,7 +102,7 @@ def bar_chart(results: dict, path: str | Path) -> None:
     bars = ax.bar(names, values, color=colours)
     ax.bar_label(bars, labels=[f"{v:.1f}" for v in values], fontsize=8)
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, max(10.0, 1.15 * max(values, default=0.0)))
+    ax.set_ylim(0, max(10.0, 1.15 * max(values)))
     ax.set_title(f"{results['model']} ({results['protocol']['name']} protocol)", fontsize=10)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
