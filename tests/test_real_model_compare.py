@@ -29,6 +29,31 @@ def test_heldout_sets_hold_no_training_question():
     assert example.heldout_sets(train, rows=40)["ood"]["prompt"] == sets["ood"]["prompt"]
 
 
+def test_answer_form_tells_the_right_setup_from_the_right_arithmetic():
+    """`answer_form` on hand-checked answers, and on every teacher trace: the traces set up the problem right, work
+    in columns, and every equation they state holds (the harder set's traces state theirs without columns)."""
+    from luffy_trl.tasks.arithmetic import answer_form, arithmetic_dataset, harder_dataset
+
+    # right operands and operation, wrong result: the setup counts, the equation does not hold
+    assert answer_form("We know that 69 - 28 = 18. So, the answer is \\boxed{18}.", "41") == \
+        {"setup": True, "column_steps": False, "equations": 1, "equations_true": 0}
+    # the wrong operation: 60 + 32 is not 28, and the stated sum (96) is wrong too
+    assert answer_form("the total is 60 + 32 = 96, so \\boxed{96}", "28") == \
+        {"setup": False, "column_steps": False, "equations": 1, "equations_true": 0}
+    # a bare number: no expression, no equation
+    assert answer_form("\\boxed{28}", "28") == {"setup": False, "column_steps": False, "equations": 0,
+                                                 "equations_true": 0}
+    # three terms, evaluated left to right; a negative stated result is read with its sign
+    assert answer_form("610 - 156 + 147 = 601 and 3 - 5 = -2", "601")["equations_true"] == 2
+    for row in arithmetic_dataset(64, seed=3):
+        form = answer_form(row["target"], row["ground_truth"])
+        assert form["setup"] and form["column_steps"] and form["equations"] == 2, row["target"]
+        assert form["equations_true"] == form["equations"], row["target"]
+    for row in harder_dataset(32, seed=3):
+        form = answer_form(row["target"], row["ground_truth"])
+        assert form["equations"] == form["equations_true"] == 2 and not form["column_steps"], row["target"]
+
+
 @requires_smollm
 @pytest.mark.slow
 @pytest.mark.smollm

@@ -11,6 +11,7 @@ set that copying the traces' template cannot solve.
 from __future__ import annotations
 
 import random
+import re
 
 STORIES = [
     ("Anna has {a} apples and buys {b} more. How many apples does she have now?", "+"),
@@ -105,3 +106,28 @@ def harder_dataset(num_rows: int = 256, seed: int = 0, exclude=()):
         rows.append({"prompt": [{"role": "user", "content": question}], "target": solution,
                      "ground_truth": str(result)})
     return Dataset.from_list(rows)
+
+
+# An arithmetic expression as a model writes it: whole numbers joined by + or - (at least one operator).
+_EXPRESSION = re.compile(r"\d+(?:\s*[-+]\s*\d+)+")
+_EQUATION = re.compile(r"(\d+(?:\s*[-+]\s*\d+)+)\s*=\s*(-?\d+)")
+
+
+def _value(expression: str) -> int:
+    """The value of whole numbers joined by + and - (no eval)."""
+    terms = re.findall(r"([-+]?)\s*(\d+)", expression)
+    return sum(-int(n) if sign == "-" else int(n) for sign, n in terms)
+
+
+def answer_form(text: str, gold: str) -> dict:
+    """How an answer to an arithmetic problem is built, to tell "the right operation" from "the right result".
+
+    * `setup`: the first expression in `text` (whole numbers joined by + or -) has the gold value: the model
+      picked the right operands and operations, whatever it wrote next;
+    * `column_steps`: `text` works column by column as the teacher traces do (`Units: ...`);
+    * `equations`, `equations_true`: the equations `expression = number` it states, and how many of them hold.
+    """
+    first = _EXPRESSION.search(text)
+    equations = _EQUATION.findall(text)
+    return {"setup": bool(first) and _value(first.group(0)) == int(gold), "column_steps": "Units:" in text,
+            "equations": len(equations), "equations_true": sum(_value(e) == int(n) for e, n in equations)}
