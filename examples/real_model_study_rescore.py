@@ -72,7 +72,8 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| run | set | math-verify alone | answer written as a number | expression answers | right setup "
              "| column steps | stated equations that hold |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        label = row["arm"] if row["lr"] is None else f"{row['arm']} lr {row['lr']:g} seed {row['seed']}"
+        arm = f"{row['regime']} {row['arm']}"
+        label = arm if row["lr"] is None else f"{arm} lr {row['lr']:g} seed {row['seed']}"
         for name in SETS:
             if name in row:
                 r = row[name]

@@ -51,7 +51,7 @@ def test_answers_must_be_numbers_and_kept_generations_are_scored_again(study, tm
     assert row["id"] == {"problems": 3, "math": pytest.approx(2 / 3), "number": pytest.approx(1 / 3),
                          "expression_only": pytest.approx(1 / 3), "setup": pytest.approx(1 / 3),
                          "column_steps": 0.0, "equations": 0, "equations_true": None}
-    assert "| luffy lr 0.0001 seed 0 | id | 0.667 | 0.333 | 0.333 | 0.333 | 0.000 |  |" in rescore.markdown([row])
+    assert "| a luffy lr 0.0001 seed 0 | id | 0.667 | 0.333 | 0.333 | 0.333 | 0.000 |  |" in rescore.markdown([row])
 
 
 def fake_run(study, root, regime, arm, lr, seed, accuracy, correct):
