@@ -55,7 +55,9 @@ def run_two_processes(script, out_dir, rank_files: str | None = "rank{}.json",
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), str(script), str(out_dir)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+    written = [] if rank_files is None else [r for r in range(2)
+                                             if (pathlib.Path(out_dir) / rank_files.format(r)).exists()]
+    assert result.returncode == 0, f"ranks that wrote their results: {written}\n" + result.stderr[-3000:]
     if rank_files is None:
         return None
     return [json.loads((pathlib.Path(out_dir) / rank_files.format(r)).read_text()) for r in range(2)]
@@ -131,13 +133,20 @@ def assert_straddling_groups(ranks: list[dict]) -> None:
 
 
 def shut_down_processes() -> None:
-    """End a torchrun script cleanly: wait for every process, then destroy the process group (left to interpreter
-    exit, the teardown can abort with "terminate called without an active exception")."""
+    """End a torchrun script cleanly, after it has written its results: wait for every process, destroy the process
+    group, then leave with `os._exit(0)`. Left to interpreter exit, C++ static destructors (gloo's, DDP's threads) can
+    abort with "terminate called without an active exception", SIGABRT, after the work is done: it failed CI once,
+    on a loaded machine, with destroy_process_group alone. A crash before this point still fails the test."""
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def prompt_marker(prompt_ids) -> int:

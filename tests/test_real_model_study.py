@@ -201,3 +201,23 @@ def test_a_worker_limited_to_some_arms_takes_only_theirs(study, tmp_path, monkey
     assert {r[1] for r in runs} == {"sft"} and len(set(runs)) == 10
     assert [r for r in runs if r[0] == "a"][3:] == [("a", "sft", 1e-4, 1), ("a", "sft", 1e-4, 2)]
     assert done[0] == ("a", "base")
+
+
+def test_regime_b_probe_draws_each_candidate_like_the_study_and_chooses_by_the_band(tmp_path):
+    """real_model_study_probe.py: the reference candidate is protocol 72efdb53d29d's regime b validation split
+    itself; the others change only the second operand and/or put one worked example before the question (never a
+    validation question); the choice is the first candidate in order inside [0.10, 0.30]."""
+    probe = load("real_model_study_probe")
+    questions = lambda d: [m[-1]["content"] for m in d["prompt"]]  # noqa: E731
+    reference = probe.candidate_validation((10, 99), False)
+    assert questions(reference) == questions(probe.study.datasets("b")["validation"])
+    one_digit = probe.candidate_validation((1, 9), True)
+    assert len(one_digit) == 100 and all(len(p) == 3 for p in one_digit["prompt"])
+    shot = one_digit["prompt"][0][:2]
+    assert [t["role"] for t in shot] == ["user", "assistant"] and "\\boxed{52}" in shot[1]["content"]
+    assert shot[0]["content"] not in questions(one_digit)
+    operands = [int(t.split("We compute ")[1].split(".")[0].split()[2]) for t in one_digit["target"]]
+    assert set(operands) <= set(range(1, 10)) and len(set(operands)) > 5
+    assert probe.choose({"format_shown": 0.01, "one_digit": 0.35, "worked_example": 0.12,
+                         "one_digit_worked_example": 0.2}) == "worked_example"
+    assert probe.choose({"format_shown": 0.01, "one_digit": 0.05}) is None

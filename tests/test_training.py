@@ -239,9 +239,10 @@ def test_on_policy_generation_only(tokenizer, tmp_path, monkeypatch, continuous_
         return ids, logprobs
 
     monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", counting)
+    steps = 1 if continuous_batching else 2  # transformers' continuous batching costs about 20 s a step on CPU
     trainer = train(tokenizer, tmp_path, contains_answer_reward, num_generations=8, per_device_train_batch_size=16,
-                    max_steps=2, use_transformers_continuous_batching=continuous_batching)
-    assert generated == [14, 14]
+                    max_steps=steps, use_transformers_continuous_batching=continuous_batching)
+    assert generated == [14] * steps
     assert all(0 < t <= 14 * 12 for t in tokens)  # the backend returned one completion per on-policy row
     assert all(h["off_policy/discarded_generations"] == 0 for h in trainer.state.log_history if "loss" in h)
 

@@ -51,9 +51,10 @@ def worked_solution(a: int, b: int, op: str) -> tuple[str, int]:
     return f"We compute {a} {op} {b}. {steps} So the answer is \\boxed{{{result}}}.", result
 
 
-def arithmetic_dataset(num_rows: int = 256, seed: int = 0, stories=None, exclude=()):
+def arithmetic_dataset(num_rows: int = 256, seed: int = 0, stories=None, exclude=(), second_operand=(10, 99)):
     """`num_rows` word problems with columns `prompt`, `target`, `ground_truth`, phrased with `stories` (default
-    `STORIES`; `OOD_STORIES` for other wordings), none of whose questions is in `exclude` (held-out sets)."""
+    `STORIES`; `OOD_STORIES` for other wordings), none of whose questions is in `exclude` (held-out sets). The first
+    operand is drawn from 20-99, the second from `second_operand` (inclusive; `(1, 9)` for an easier task)."""
     from datasets import Dataset
 
     rng = random.Random(seed)
@@ -61,7 +62,7 @@ def arithmetic_dataset(num_rows: int = 256, seed: int = 0, stories=None, exclude
     rows = []
     while len(rows) < num_rows:
         story, op = rng.choice(stories)
-        a, b = rng.randint(20, 99), rng.randint(10, 99)
+        a, b = rng.randint(20, 99), rng.randint(*second_operand)
         if op == "-" and b > a:
             a, b = b, a
         solution, result = worked_solution(a, b, op)
