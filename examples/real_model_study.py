@@ -350,6 +350,14 @@ def id_trace_logprob(model, tokenizer, data: dict, rows: int = 50) -> float:
     return compare.trace_logprob(model, tokenizer, list(data["id"]["prompt"][:rows]), targets)
 
 
+def base_model(out: pathlib.Path, protocol: dict = PROTOCOL):
+    """The protocol's recipe model at step 0 (its LoRA adapter is the identity), in eval mode, and its tokenizer."""
+    script_args, args, model_args = compare.train_luffy.make_parser().parse_args_and_config(
+        ["--config", str(compare.recipe_path(protocol["recipe"])), "--output_dir", str(out)])
+    model, tokenizer, _, _, _ = compare.train_luffy.build_pretrained(script_args, args, model_args)
+    return model.eval(), tokenizer
+
+
 def evaluate_base(root: pathlib.Path, regime: str, protocol: dict = PROTOCOL) -> dict:
     """Step 0 of every arm (the LoRA adapter starts as the identity): validation and held-out accuracy."""
     from luffy_trl.evaluation import TransformersBackend, run_evaluation
@@ -360,10 +368,7 @@ def evaluate_base(root: pathlib.Path, regime: str, protocol: dict = PROTOCOL) ->
         return cached
     data = datasets(regime, protocol)
     greedy = compare.greedy_protocol(protocol["max_completion"])
-    script_args, args, model_args = compare.train_luffy.make_parser().parse_args_and_config(
-        ["--config", str(compare.recipe_path(protocol["recipe"])), "--output_dir", str(out)])
-    model, tokenizer, _, _, _ = compare.train_luffy.build_pretrained(script_args, args, model_args)
-    model.eval()
+    model, tokenizer = base_model(out, protocol)
     result = cached or {"protocol": protocol_hash(protocol), "regime": regime}
     result["trace_logprob"] = id_trace_logprob(model, tokenizer, data)  # older base results lack it: added here
     for name in ("validation", *protocol["heldout_seeds"]) if cached is None else ():

@@ -84,10 +84,7 @@ def main(argv=None) -> dict:
     root = pathlib.Path(args.output_dir)
     protocol = study.PROTOCOL
     greedy = study.compare.greedy_protocol(protocol["max_completion"])
-    script_args, train_args, model_args = study.compare.train_luffy.make_parser().parse_args_and_config(
-        ["--config", str(study.compare.recipe_path(protocol["recipe"])), "--output_dir", str(root / "model")])
-    model, tokenizer, _, _, _ = study.compare.train_luffy.build_pretrained(script_args, train_args, model_args)
-    model.eval()
+    model, tokenizer = study.base_model(root / "model", protocol)
     summary = {"band": BAND, "candidates": {}}
     for name, second_operand, worked in CANDIDATES:
         start = time.perf_counter()
