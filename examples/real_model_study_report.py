@@ -38,7 +38,7 @@ def score_matrix(runs: list[dict], heldout: str):
 
 
 def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[list[str], dict]:
-    lines, data = [f"## Regime {regime}", ""], {"grid": [], "table": {}, "differences": {}}
+    lines, data = [f"## Regime {regime}", ""], {"grid": [], "table": {}, "differences": {}, "mechanism": []}
     chosen = study.chosen_rates(root, regime)
     base_path = root / "runs" / regime / "base" / "result.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else None
@@ -72,6 +72,16 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
                      + f" | {run.get('trace_logprob', float('nan')):.2f} | "
                      f"{_ends(mechanism.get('on_policy/reward_mean'))} | {_ends(mechanism.get('entropy'))} | "
                      f"{run.get('wall_seconds', float('nan')) / 60:.0f} min |")
+    lines += ["", "### Mechanism per RL run (steps 1-20 → 81-100; term norms: first 4 → last 4 logged steps)", "",
+              "| arm | rate | seed | `\\boxed{}` rate of the rows | shaping weight | teacher-token probability | "
+              "on-policy term grad norm | teacher term grad norm | ratio on-policy / teacher, median [min, max] | "
+              "cosine, mean [min, max] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (list(study.LABELS).index(r["arm"]), r["lr"], r["seed"])):
+        if run["arm"] != "sft":
+            row = mechanism_summary(run["mechanism"])
+            data["mechanism"].append({"arm": run["arm"], "lr": run["lr"], "seed": run["seed"], **row})
+            lines.append(f"| {study.LABELS[run['arm']]} | {run['lr']:g} | {run['seed']} | " + " | ".join(
+                row[key] for key in ("boxed", "shaping", "prob", "on_norm", "off_norm", "ratio", "cosine")) + " |")
     lines += ["", "### Held-out accuracy: mean over seeds and problems [95% bootstrap interval]", "",
               "| arm | rate | seeds | " + " | ".join(sets) + " |", "|---|---|---|" + "---|" * len(sets)]
     if base is not None:
@@ -116,6 +126,29 @@ def _ends(values, window: int = 20) -> str:
         return ""
     head, tail = values[:window], values[-window:]
     return f"{sum(head) / len(head):.3f} → {sum(tail) / len(tail):.3f}"
+
+
+def mechanism_summary(mechanism: dict) -> dict:
+    """The numbers docs/real-model.md quotes for one RL run, as strings ('' where the run did not log them): start →
+    end of the rows' boxed rate, the shaping weight and the teacher tokens' probability (20-step windows), of the two
+    loss terms' gradient norms (4 logged steps; they are logged every `loss_term_grad_norms_steps`), and the ratio of
+    the on-policy to the teacher term and their cosine over the logged steps where the teacher term is non-zero."""
+    import statistics
+
+    on = mechanism.get("loss_terms/on_policy_grad_norm") or []
+    off = mechanism.get("loss_terms/off_policy_grad_norm") or []
+    ratios = [a / b for a, b in zip(on, off) if a is not None and b]
+    cosines = [c for c in mechanism.get("loss_terms/grad_cosine") or () if c is not None]
+    has_teacher = any(off_value for off_value in off if off_value is not None)
+    return {
+        "boxed": _ends(mechanism.get("rewards/boxed_rate/mean")),
+        "shaping": _ends(mechanism.get("off_policy/shaping_weight_mean")),
+        "prob": _ends(mechanism.get("off_policy/prob_mean")),
+        "on_norm": _ends(on, window=4),
+        "off_norm": _ends(off, window=4) if has_teacher else "",
+        "ratio": f"{statistics.median(ratios):.1f} [{min(ratios):.1f}, {max(ratios):.1f}]" if ratios else "",
+        "cosine": f"{statistics.mean(cosines):+.2f} [{min(cosines):+.2f}, {max(cosines):+.2f}]" if cosines else "",
+    }
 
 
 def _band(ax, xs, series, color, label):

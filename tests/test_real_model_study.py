@@ -89,6 +89,8 @@ def test_rates_are_chosen_on_validation_and_the_report_has_intervals(study, tmp_
     report = load("real_model_study_report")
     text = report.report(tmp_path)
     assert "| LUFFY (7 + 1, shaping) | 0.0003 | 3 |" in text and "LUFFY − GRPO (8 sampled, clip)" in text
+    mechanism_rows = text.split("### Mechanism per RL run")[1].split("###")[0].splitlines()[4:]
+    assert len([r for r in mechanism_rows if r.startswith("| ")]) == 6 + 4  # RL runs only: the grids and 4 seeds
     data = json.loads((tmp_path / "report.json").read_text())
     luffy_id = data["regimes"]["a"]["table"]["luffy"]["id"]
     assert luffy_id["mean"] == pytest.approx((0.5 + 0.75 + 0.75) / 3) and luffy_id["seeds"] == 3
@@ -100,6 +102,28 @@ def test_rates_are_chosen_on_validation_and_the_report_has_intervals(study, tmp_
     luffy_seed1 = next(r for r in record["runs"] if (r["arm"], r["seed"]) == ("luffy", 1))
     assert luffy_seed1["scores"]["id"] == [1.0, 1.0, 1.0, 0.0] and "folder" not in luffy_seed1
     assert (tmp_path / "docs" / "study_grid_a.png") in published
+
+
+def test_mechanism_summary_quotes_windows_ratios_and_cosines():
+    """The numbers the doc quotes per RL run: 20-step windows of the per-step series, 4-logged-step windows of the
+    term norms (logged every 5th step, None between), the ratio only where the teacher term is non-zero."""
+    report = load("real_model_study_report")
+    steps = 40
+    every_fifth = lambda f: [f(i) if i % 5 == 0 else None for i in range(steps)]  # noqa: E731
+    mechanism = {"rewards/boxed_rate/mean": [0.1] * 20 + [0.5] * 20,
+                 "off_policy/shaping_weight_mean": [0.6] * 20 + [0.8] * 20,
+                 "loss_terms/on_policy_grad_norm": every_fifth(lambda i: 1.0 + i / 5),  # 1..8 on the 8 logged steps
+                 "loss_terms/off_policy_grad_norm": every_fifth(lambda i: 0.5),
+                 "loss_terms/grad_cosine": every_fifth(lambda i: 0.1 if i < 20 else -0.3)}
+    row = report.mechanism_summary(mechanism)
+    assert row["boxed"] == "0.100 → 0.500" and row["shaping"] == "0.600 → 0.800" and row["prob"] == ""
+    assert row["on_norm"] == "2.500 → 6.500" and row["off_norm"] == "0.500 → 0.500"
+    assert row["ratio"] == "9.0 [2.0, 16.0]"  # ratios 2, 4, ..., 16: median 9
+    assert row["cosine"] == "-0.10 [-0.30, +0.10]"
+    grpo = report.mechanism_summary({"loss_terms/on_policy_grad_norm": every_fifth(lambda i: 0.3),
+                                     "loss_terms/off_policy_grad_norm": every_fifth(lambda i: 0.0),
+                                     "loss_terms/grad_cosine": [None] * steps})
+    assert grpo["on_norm"] == "0.300 → 0.300" and grpo["off_norm"] == grpo["ratio"] == grpo["cosine"] == ""
 
 
 @requires_smollm
