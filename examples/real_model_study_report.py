@@ -1,10 +1,12 @@
-"""The report of examples/real_model_study.py: the learning-rate grid, the table of means with 95% intervals per
-held-out set, paired differences, validation curves with seed bands and the mechanism figures.
+"""The report of examples/real_model_study.py: the learning-rate grid, every run, a mechanism table per RL run, the
+table of means with 95% intervals per held-out set, paired differences, validation curves with seed bands and the
+mechanism figures.
 
     python examples/real_model_study.py report --output_dir outputs/study
 
-Writes `report.md`, `report.json`, `curves_<regime>.png` and `mechanism_<regime>.png` to the study's folder. Only
-results of the current protocol are read (a result of another protocol is an error: start a new folder).
+Writes `report.md`, `report.json`, `grid_<regime>.png`, `curves_<regime>.png` and `mechanism_<regime>.png` to the
+study's folder. Only results of the current protocol are read (a result of another protocol is an error: start a new
+folder).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
             lines.append(f"| {study.LABELS[arm]} | {lr:g} | {curve[-1]:.3f} | {max(curve):.3f} | "
                          f"{'✓' if chosen.get(arm) == lr else ''} |")
     sets = list(study.PROTOCOL["heldout_seeds"])
+    ordered = sorted(runs, key=lambda r: (list(study.LABELS).index(r["arm"]), r["lr"], r["seed"]))
     lines += ["", "### Every run (held-out accuracy is reported, never used for a choice)", "",
               "| arm | rate | seed | validation (final) | " + " | ".join(sets) + " | teacher-trace log-lik./token | "
               "on-policy reward, steps 1-20 → 81-100 | entropy, steps 1-20 → 81-100 | wall time |",
@@ -64,7 +67,7 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
         lines.append(f"| base model (step 0) | | | {base['validation']['accuracy']:.3f} | "
                      + " | ".join(f"{base[s]['accuracy']:.3f}" for s in sets)
                      + f" | {base.get('trace_logprob', float('nan')):.2f} | | | |")
-    for run in sorted(runs, key=lambda r: (list(study.LABELS).index(r["arm"]), r["lr"], r["seed"])):
+    for run in ordered:
         mechanism = run["mechanism"]
         lines.append(f"| {study.LABELS[run['arm']]} | {run['lr']:g} | {run['seed']} | "
                      f"{run['validation_curve'][-1]['accuracy']:.3f} | "
@@ -76,7 +79,7 @@ def regime_report(root: pathlib.Path, regime: str, runs: list[dict]) -> tuple[li
               "| arm | rate | seed | `\\boxed{}` rate of the rows | shaping weight | teacher-token probability | "
               "on-policy term grad norm | teacher term grad norm | ratio on-policy / teacher, median [min, max] | "
               "cosine, mean [min, max] |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for run in sorted(runs, key=lambda r: (list(study.LABELS).index(r["arm"]), r["lr"], r["seed"])):
+    for run in ordered:
         if run["arm"] != "sft":
             row = mechanism_summary(run["mechanism"])
             data["mechanism"].append({"arm": run["arm"], "lr": run["lr"], "seed": run["seed"], **row})
@@ -132,20 +135,20 @@ def mechanism_summary(mechanism: dict) -> dict:
     """The numbers docs/real-model.md quotes for one RL run, as strings ('' where the run did not log them): start →
     end of the rows' boxed rate, the shaping weight and the teacher tokens' probability (20-step windows), of the two
     loss terms' gradient norms (4 logged steps; they are logged every `loss_term_grad_norms_steps`), and the ratio of
-    the on-policy to the teacher term and their cosine over the logged steps where the teacher term is non-zero."""
+    the on-policy to the teacher term over the logged steps where the teacher term is non-zero, and their cosine over
+    the steps that logged one."""
     import statistics
 
     on = mechanism.get("loss_terms/on_policy_grad_norm") or []
     off = mechanism.get("loss_terms/off_policy_grad_norm") or []
     ratios = [a / b for a, b in zip(on, off) if a is not None and b]
     cosines = [c for c in mechanism.get("loss_terms/grad_cosine") or () if c is not None]
-    has_teacher = any(off_value for off_value in off if off_value is not None)
     return {
         "boxed": _ends(mechanism.get("rewards/boxed_rate/mean")),
         "shaping": _ends(mechanism.get("off_policy/shaping_weight_mean")),
         "prob": _ends(mechanism.get("off_policy/prob_mean")),
         "on_norm": _ends(on, window=4),
-        "off_norm": _ends(off, window=4) if has_teacher else "",
+        "off_norm": _ends(off, window=4) if ratios else "",  # GRPO logs a teacher term of 0: nothing to show
         "ratio": f"{statistics.median(ratios):.1f} [{min(ratios):.1f}, {max(ratios):.1f}]" if ratios else "",
         "cosine": f"{statistics.mean(cosines):+.2f} [{min(cosines):+.2f}, {max(cosines):+.2f}]" if cosines else "",
     }
